@@ -1,0 +1,52 @@
+"""Export a model to a Hugging Face GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads.
+
+    python launch/export.py --checkpoint runs/gpt2-124m --output exports/gpt2-124m
+
+Writes config.json, model.safetensors (fp32), gptforge.json, and for the GPT-2 tokenizer vocab.json,
+merges.txt and tokenizer_config.json (so `AutoTokenizer.from_pretrained(OUT)` works too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from gptforge.cli import run_cli, setup_logging
+from gptforge.errors import GptforgeError
+from gptforge.hf import save_hf
+from gptforge.weights import load_model
+
+log = logging.getLogger("export")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="DIR", help="run directory, checkpoint or model directory"
+    )
+    parser.add_argument("--output", required=True, metavar="OUT", help="directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty OUT")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise GptforgeError(
+            f"--output {out} exists and is not empty: choose another directory or pass --overwrite"
+        )
+    model, cfg, tok = load_model(args.checkpoint)
+    save_hf(model, cfg, out, tok.describe())
+    log.info(
+        "wrote %s (%s parameters, tokenizer %s)",
+        out,
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        tok.name,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
