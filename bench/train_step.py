@@ -1,0 +1,198 @@
+"""Our trainer's step (the DeepSpeed engine exactly as launch/train.py builds it) vs a plain loop around
+`transformers.GPT2LMHeadModel`, side by side in one run.
+
+    python bench/train_step.py                       # fp32 and bf16, bench/model_step.py's shape, CPU
+    python bench/train_step.py --reps 6 --precisions bf16
+    python bench/train_step.py --shape gpt2-124m     # 124M at context 1024 (meant for a GPU)
+
+Rows:
+- peer: `GPT2LMHeadModel` (our initial weights converted with `gptforge.hf.to_hf`), `torch.optim.AdamW`,
+  `clip_grad_norm_`, bf16 through `torch.autocast` -- the plain loop a user would write;
+- our model in the same plain loop with the optimizer our trainer uses (fused AdamW): what the engine
+  must not lose;
+- our trainer: `gptforge.train.engine.build_engine` (DeepSpeed `initialize` with our config, AdamW groups,
+  norm/clip/skip guard) driven by `gptforge.train.loop.train_step`, the loop's own step function.
+
+Same batch, same precision, gradient clipping in all three. Steps are interleaved in a rotating order so
+load from other processes hits every row alike; each row's fastest step is reported (the least disturbed
+one), with the median of per-repetition ratios beside it as a check. MFU is against the matmul peak
+measured in the same run (2048^3, best sample, by the trainer's `measure_matmul_peak`), with FLOPs/token
+from `gptforge.model.flops_per_token`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+SHAPES = {
+    "small": dict(n_layer=6, n_head=6, d_model=384, context_length=256, batch=8),
+    "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, batch=8),
+}
+VOCAB = 50257
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(shape: str, precision: str, device: torch.device) -> tuple[dict[str, Callable[[], float]], float]:
+    """The three steps (name -> callable returning the loss) and the FLOPs of one step."""
+    from gptforge.config import load_config
+    from gptforge.hf import to_hf
+    from gptforge.model import GPT, flops_per_token
+    from gptforge.train.engine import build_engine, init_distributed, plan_batch, precision_mode
+    from gptforge.train.loop import train_step
+
+    s = SHAPES[shape]
+    cfg = load_config(
+        None,
+        [
+            f"model.n_layer={s['n_layer']}",
+            f"model.n_head={s['n_head']}",
+            f"model.d_model={s['d_model']}",
+            f"model.context_length={s['context_length']}",
+            f"model.vocab_size={VOCAB}",
+            "model.dropout=0.0",
+            f"train.micro_batch_size={s['batch']}",
+            f"train.precision={precision}",
+            "optim.lr=1e-4",
+            "optim.weight_decay=0.1",
+            "optim.grad_clip=1.0",
+        ],
+    )
+    dist_ctx = init_distributed(cfg)
+    mode = precision_mode(precision, device)
+    torch.manual_seed(0)
+    reference = GPT(cfg.model)
+    tokens = torch.randint(0, VOCAB, (s["batch"], s["context_length"] + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[:, -1] = -100  # the peer has no target for the last position: ignore it in ours too
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "fp32")
+
+    def plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, peer: bool) -> Callable[[], float]:
+        def step() -> float:
+            with autocast():
+                loss = model(input_ids=x, labels=x).loss if peer else model(x, y)[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        return step
+
+    peer = to_hf(reference, cfg.model).to(device).train()
+    ours = GPT(cfg.model).to(device).train()
+    ours.load_state_dict(reference.state_dict())
+    trainer_model = GPT(cfg.model).to(device).train()
+    trainer_model.load_state_dict(reference.state_dict())
+    engine = build_engine(cfg, trainer_model, plan_batch(cfg, 1), mode, dist_ctx)
+
+    steps = {
+        "transformers GPT2LMHeadModel, torch AdamW (peer)": plain(
+            peer, torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.1), True
+        ),
+        "gptforge GPT, plain loop, fused AdamW": plain(
+            ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.1, fused=True), False
+        ),
+        "gptforge trainer (DeepSpeed engine)": lambda: float(train_step(engine, [(x, y)], device)),
+    }
+    return steps, flops_per_token(cfg.model) * s["batch"] * s["context_length"]
+
+
+def run(shape: str, precision: str, reps: int, warmup: int, device: torch.device) -> list[dict]:
+    from gptforge.train.metrics import measure_matmul_peak
+
+    steps, flops_per_step = build(shape, precision, device)
+    first = {name: step() for name, step in steps.items()}
+    assert max(first.values()) - min(first.values()) < 2e-2, f"rows disagree on the first loss: {first}"
+    for _ in range(warmup - 1):
+        for step in steps.values():
+            step()
+    names = list(steps)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    peak = []
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            seconds[name].append(time.perf_counter() - start)
+        dtype = torch.bfloat16 if precision != "fp32" else torch.float32
+        peak.append(measure_matmul_peak(device, dtype, seconds=0.5, n=2048))
+    tokens = SHAPES[shape]["batch"] * SHAPES[shape]["context_length"]
+    peer, plain_ours = names[0], names[1]
+    rows = []
+    for name in names:
+        best = min(seconds[name])
+        rows.append(
+            {
+                "precision": precision,
+                "row": name,
+                "tokens_per_s": tokens / best,
+                "vs_peer": min(seconds[peer]) / best,
+                "vs_peer_median": statistics.median(
+                    p / s for p, s in zip(seconds[peer], seconds[name], strict=True)
+                ),
+                "vs_plain": min(seconds[plain_ours]) / best,
+                "mfu": flops_per_step / best / max(peak),
+                "peak": max(peak),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=list(SHAPES), default="small")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--reps", type=int, default=8, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    s = SHAPES[args.shape]
+    print(
+        f"# train_step: {args.shape} ({s['n_layer']} layers, d_model {s['d_model']}, {s['n_head']} heads, "
+        f"context {s['context_length']}, vocab {VOCAB}, batch {s['batch']}); {args.reps} interleaved reps\n"
+        f"# {datetime.date.today()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{device}, {torch.get_num_threads()} threads"
+    )
+    print(
+        "| precision | row | tokens/s | vs peer | (median of ratios) | vs our plain loop | MFU (of matmul peak) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for precision in args.precisions.split(","):
+        rows = run(args.shape, precision, args.reps, args.warmup, device)
+        for r in rows:
+            print(
+                f"| {precision} | {r['row']} | {r['tokens_per_s']:,.0f} | {r['vs_peer']:.2f}x | "
+                f"{r['vs_peer_median']:.2f}x | {r['vs_plain']:.2f}x | {100 * r['mfu']:.0f}% |"
+            )
+        print(
+            f"| {precision} | matmul peak (2048^3, best sample) | {rows[0]['peak'] / 1e9:,.0f} GFLOP/s | | | | |"
+        )
+
+
+if __name__ == "__main__":
+    main()
