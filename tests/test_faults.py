@@ -1,0 +1,147 @@
+"""Faults a cluster job meets, with real processes and real `kill -9`: a rank dies mid-run (the job must
+fail fast, not hang until a collective times out, and `--resume auto` must continue from the last
+complete checkpoint), and the trainer dies while a checkpoint is being written (the half-written
+checkpoint must be ignored on resume)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from train_helpers import ROOT, losses, metrics, run, sentencepiece_data, train_cmd, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return sentencepiece_data(tmp_path_factory.mktemp("sp"))
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    from conftest import subprocess_env
+
+    return subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen, log: Path, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"condition not reached in {timeout}s:\n{log.read_text()[-4000:]}")
+        time.sleep(poll)
+
+
+def _logged_steps(run_dir: Path) -> int:
+    try:
+        return len(metrics(run_dir)[0])
+    except (FileNotFoundError, ValueError):  # not yet written, or a line being written
+        return 0
+
+
+def _trainer_ranks(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The `launch/train.py` worker processes under a torchrun, by their RANK."""
+    ranks = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if any(a.endswith("launch/train.py") for a in child.cmdline()) and "-m" not in child.cmdline():
+                ranks[int(child.environ()["RANK"])] = child
+        except (psutil.NoSuchProcess, KeyError):
+            continue
+    return ranks
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_kill9_of_one_rank_fails_fast_then_resume_continues(data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "c.yaml", data, run_dir,
+        "train.max_steps=14", "train.save_interval=4", "train.eval_interval=100", "run.dist_timeout_s=60",
+    )
+    log = tmp_path / "first.log"
+    proc = _start(train_cmd(cfg, resume="none", nproc=2), log)
+    _wait_for(lambda: _logged_steps(run_dir) >= 6, 240, proc, log)
+    first = losses(run_dir)
+    ranks = _trainer_ranks(proc)
+    assert sorted(ranks) == [0, 1]
+    victim = ranks[1]
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the job hung after rank 1 was killed:\n{log.read_text()[-4000:]}")
+    elapsed = time.monotonic() - killed_at
+    assert code != 0, log.read_text()[-3000:]
+    # Well inside run.dist_timeout_s: the surviving rank does not wait for a collective to time out.
+    assert elapsed < 45, f"took {elapsed:.1f}s to fail"
+    assert not any(_alive(p) for p in ranks.values()), "a rank outlived the job"
+
+    ckpts = run_dir / "checkpoints"
+    last_complete = (ckpts / "latest").read_text().strip()
+    assert last_complete in {"step_4", "step_8", "step_12"}
+    resumed_from = int(last_complete.split("_")[1])
+
+    result = run(train_cmd(cfg, resume="auto", nproc=2), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resumed from {ckpts / last_complete} (step {resumed_from}," in result.stderr
+    after = losses(run_dir)
+    assert max(after) == 14
+    # Steps recomputed after the resume give bitwise the losses the killed run logged for them.
+    recomputed = [s for s in first if s > resumed_from]
+    assert recomputed, "the kill came before any step past the last checkpoint"
+    assert all(after[s] == first[s] for s in recomputed)
+    # Every step is in the log exactly once after the resume (the log is truncated to the checkpoint).
+    assert [r["step"] for r in metrics(run_dir)[0]] == list(range(1, 15))
+
+
+def test_kill9_during_checkpoint_write_is_ignored_on_resume(data, tmp_path):
+    run_dir = tmp_path / "run"
+    # A model whose checkpoint takes long enough to write that a poll catches it half-done.
+    cfg = write_config(
+        tmp_path / "c.yaml", data, run_dir,
+        "model.n_layer=4", "model.d_model=256", "model.n_head=4",
+        "train.max_steps=40", "train.save_interval=1", "train.keep_last=2", "train.eval_interval=100",
+    )
+    log = tmp_path / "first.log"
+    proc = _start(train_cmd(cfg, resume="none"), log)
+    ckpts = run_dir / "checkpoints"
+
+    def writing() -> list[Path]:
+        if not (ckpts / "latest").is_file():
+            return []
+        return [p for p in ckpts.glob("step_*.tmp") if any(p.iterdir())]
+
+    _wait_for(lambda: bool(writing()), 240, proc, log, poll=0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    half = writing()
+    assert half, "the write finished before the kill; nothing half-written to test"
+    half_step = int(half[0].name.split("_")[1].split(".")[0])
+    latest = (ckpts / "latest").read_text().strip()
+    assert latest != f"step_{half_step}" and int(latest.split("_")[1]) < half_step
+
+    result = run(train_cmd(cfg, resume="auto"), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"resumed from {ckpts / latest} (step" in result.stderr
+    assert not list(ckpts.glob("*.tmp")), "the half-written checkpoint was not cleaned up"
+    assert (ckpts / "latest").read_text().strip() == "step_40"
+    assert [r["step"] for r in metrics(run_dir)[0]] == list(range(1, 41))
