@@ -200,7 +200,7 @@ def _check_section(section: str, values: Any, source: str, cls: type = Config) -
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
+def _read_yaml(path: Path, seen: tuple[Path, ...] = (), cls: type = Config) -> dict[str, dict[str, Any]]:
     """One file and its `base:` chain, merged key by key, each key checked where it was written."""
     path = path.resolve()
     if path in seen:
@@ -220,10 +220,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, dict[str, A
     if base is not None:
         bases = [base] if isinstance(base, str) else base
         for b in bases:
-            for section, values in _read_yaml(path.parent / b, (*seen, path)).items():
+            for section, values in _read_yaml(path.parent / b, (*seen, path), cls).items():
                 merged.setdefault(section, {}).update(values)
     for section, values in raw.items():
-        merged.setdefault(section, {}).update(_check_section(section, values or {}, str(path)))
+        merged.setdefault(section, {}).update(_check_section(section, values or {}, str(path), cls))
     return merged
 
 
@@ -254,7 +254,7 @@ def config_from_dict(values: dict[str, Any], source: str = "<dict>", cls: type =
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: type = Config) -> Any:
     """Load a YAML config (with its `base:` chain), apply `key.sub=value` overrides, validate."""
-    merged = _read_yaml(Path(path)) if path else {}
+    merged = _read_yaml(Path(path), cls=cls) if path else {}
     for text in overrides:
         section, name, value = parse_override(text)
         checked = _check_section(section, {name: value}, f"override '{text}'", cls)

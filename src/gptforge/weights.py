@@ -115,7 +115,9 @@ def read_weights(spec: str | Path) -> tuple[ModelConfig, dict[str, Tensor], dict
         cfg, tokenizer_info = _read_meta(path / META_FILE)
         return cfg, hf.read_safetensors(path / WEIGHTS_FILE), tokenizer_info, str(path / WEIGHTS_FILE)
     cfg, state_dict, tokenizer_info = _read_checkpoint(path)
-    return cfg, state_dict, tokenizer_info, str(path)
+    from gptforge.finetune.saved import language_model_weights  # fine-tuned: LoRA merged, classifier refused
+
+    return cfg, language_model_weights(path, state_dict), tokenizer_info, str(path)
 
 
 def _build(cfg: ModelConfig, state_dict: dict[str, Tensor], source: str) -> GPT:

@@ -1,0 +1,73 @@
+"""Fine-tune a pretrained GPT: classification or instruction following, full or LoRA.
+
+    python launch/finetune.py --task classify --config configs/finetune-classify.yaml \
+        --train examples/finetune/sentiment_train.jsonl --val examples/finetune/sentiment_val.jsonl
+    torchrun --nproc_per_node=2 launch/finetune.py --task instruct --config configs/finetune-instruct.yaml \
+        --train alpaca_train.jsonl --val alpaca_val.jsonl finetune.lora_rank=8 model.init_from=hf:gpt2
+
+The model starts from `model.init_from` (hf:DIR = a Hugging Face GPT-2 directory, checkpoint:DIR = a
+gptforge run or checkpoint). `classify` rows: {"text": ..., "label": ...}; `instruct` rows (Alpaca):
+{"instruction": ..., "input": ..., "output": ...}. Writes a run directory like launch/train.py (metrics.jsonl,
+with val_accuracy for classify; tensorboard/; checkpoints/), plus responses.jsonl for instruct.
+`--resume` and the exit codes are launch/train.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import warnings
+
+from gptforge.cli import run_cli, setup_logging
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--task", choices=("classify", "instruct"), help="default: finetune.task of the config"
+    )
+    parser.add_argument("--config", required=True, help="YAML config (configs/finetune-*.yaml)")
+    parser.add_argument("--train", metavar="FILE.jsonl", help="training rows (default: finetune.train)")
+    parser.add_argument("--val", metavar="FILE.jsonl", help="validation rows (default: finetune.val)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.add_argument("--resume", default="auto", metavar="auto|none|PATH", help="default: auto")
+    parser.add_argument(
+        "--allow-new-data",
+        action="store_true",
+        help="resume a checkpoint on other train/val files than it was trained on",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    rank = int(
+        os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    )
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING)
+    from gptforge.config import load_config
+    from gptforge.finetune.config import FinetuneRunConfig
+
+    cfg = load_config(args.config, args.overrides, cls=FinetuneRunConfig)
+    flags = {key: value for key in ("task", "train", "val") if (value := getattr(args, key))}
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **flags))
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    from gptforge.finetune.loop import finetune
+
+    return finetune(cfg, resume=args.resume, allow_new_data=args.allow_new_data)
+
+
+if __name__ == "__main__":
+    run_cli(main)
