@@ -77,11 +77,12 @@ def test_kill9_of_one_rank_fails_fast_then_resume_continues(data, tmp_path):
     )
     log = tmp_path / "first.log"
     proc = _start(train_cmd(cfg, resume="none", nproc=2), log)
-    _wait_for(lambda: _logged_steps(run_dir) >= 6, 240, proc, log)
-    first = losses(run_dir)
+    # Find the ranks first, so the kill follows the poll at once: a kill that came only after the next
+    # checkpoint (step 8) would leave no step to recompute.
+    _wait_for(lambda: sorted(_trainer_ranks(proc)) == [0, 1], 240, proc, log)
     ranks = _trainer_ranks(proc)
-    assert sorted(ranks) == [0, 1]
     victim = ranks[1]
+    _wait_for(lambda: _logged_steps(run_dir) >= 5, 240, proc, log)
     killed_at = time.monotonic()
     victim.send_signal(signal.SIGKILL)
     try:
@@ -94,6 +95,7 @@ def test_kill9_of_one_rank_fails_fast_then_resume_continues(data, tmp_path):
     # Well inside run.dist_timeout_s: the surviving rank does not wait for a collective to time out.
     assert elapsed < 45, f"took {elapsed:.1f}s to fail"
     assert not any(_alive(p) for p in ranks.values()), "a rank outlived the job"
+    first = losses(run_dir)  # every step the killed job logged
 
     ckpts = run_dir / "checkpoints"
     last_complete = (ckpts / "latest").read_text().strip()

@@ -3,6 +3,7 @@ import shutil
 import pytest
 import tiktoken
 
+from gptforge.errors import GptforgeError
 from gptforge.tokenizer import (
     GPT2_BPE_SHA256,
     GPT2Tokenizer,
@@ -10,7 +11,6 @@ from gptforge.tokenizer import (
     get_tokenizer,
     train_sentencepiece,
 )
-from gptforge.errors import GptforgeError
 
 HARD_CASES = [
     "",

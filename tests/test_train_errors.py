@@ -89,7 +89,10 @@ def test_corrupted_shard(data, tmp_path):
 
 @pytest.mark.parametrize(
     "override,fragment",
-    [("parallel.tp=2", "not supported by the trainer yet"), ("train.precision=fp16", "fp16 needs a GPU")],
+    [
+        ("parallel.tp=2", "world size 1 is not divisible by parallel.tp x parallel.pp = 2 x 1 = 2"),
+        ("train.precision=fp16", "fp16 needs a GPU"),
+    ],
 )
 def test_unsupported_settings(data, tmp_path, override, fragment):
     cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", override)

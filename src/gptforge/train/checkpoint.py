@@ -4,13 +4,19 @@ half checkpoint named as complete.
     RUN/checkpoints/step_<N>/        DeepSpeed's files (mp_rank_00_model_states.pt, ZeRO optimizer shards)
                    step_<N>/checkpoint.json    step, consumed samples, model shape, tokenizer, data manifest
                                                sha256, layout, the resolved config (also DeepSpeed client state)
-                   step_<N>/rng_rank<R>.pt     every rank's RNG states (python, numpy, torch, cuda)
+                   step_<N>/rng_rank<R>.pt     every rank's RNG states (python, numpy, torch, cuda, and
+                                               the tensor-parallel dropout tracker's)
+                   step_<N>/universal/         the same weights and Adam moments in serial coordinates
+                                               (gptforge.parallel.universal), written by the pretraining
+                                               trainer: what resuming under another layout, generation,
+                                               export and convert_checkpoint read
     RUN/checkpoints/latest           the name of the last complete checkpoint (DeepSpeed's own convention)
 
 A checkpoint is written as `step_<N>.tmp`, renamed when every rank has finished, then `latest` is
 replaced (write + rename), then old ones beyond `train.keep_last` are pruned. The `layout` block records
-how the run was sharded, so a later loader can convert between layouts; today a checkpoint resumes on
-the same ZeRO stage and precision (and the same data-parallel size under ZeRO-1).
+how the run was sharded: in the same layout DeepSpeed's own files resume it bit for bit; in another
+(dp with ZeRO, tp, pp, ZeRO stage, precision) `universal/` does (`check_resume(..., convertible=True)`,
+`load_converted`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +107,16 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    tracked = _tp_rng_tracker().get_states()
+    if tracked:  # tensor parallelism: the per-tp-rank dropout state (Megatron's RNG tracker)
+        state["tp_tracker"] = tracked
     return state
+
+
+def _tp_rng_tracker() -> Any:
+    from gptforge.model.tensor_parallel import get_rng_tracker
+
+    return get_rng_tracker()
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -113,6 +129,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "tp_tracker" in state:
+        _tp_rng_tracker().set_states(state["tp_tracker"])
 
 
 # ---------------------------------------------------------------------------------------------- finding
@@ -205,9 +223,11 @@ def check_resume(
     manifest_sha256: str,
     layout: dict[str, Any],
     allow_new_data: bool,
-) -> None:
-    """Refuse to resume into another model shape, other data (unless allowed) or a layout change this
-    trainer cannot convert yet, naming the difference."""
+    convertible: bool = False,
+) -> list[str]:
+    """Refuse to resume into another model shape or other data (unless allowed), naming the difference.
+    Returns how the layout changed (empty: the same); a change DeepSpeed's own files cannot load is
+    refused unless `convertible` (the caller loads `universal/` then: `load_converted`)."""
     saved_model = meta["model"]
     diffs = [
         f"model.{k}: checkpoint {saved_model.get(k)}, now {getattr(model_cfg, k)}"
@@ -224,6 +244,9 @@ def check_resume(
             "continue on this data (from the same sample position)"
         )
     saved = meta["layout"]
+    changes = layout_changes(saved, layout)
+    if convertible or not changes:
+        return changes
     for key in ("zero_stage", "tp", "pp", "precision_mode"):
         if saved[key] != layout[key]:
             raise CheckpointError(
@@ -235,6 +258,22 @@ def check_resume(
             f"{step_dir} was saved by {saved['dp']} data-parallel ranks with ZeRO-{saved['zero_stage']} (optimizer "
             f"states sharded {saved['dp']} ways); resuming on {layout['dp']} ranks is not supported yet"
         )
+    raise CheckpointError(
+        f"{step_dir} was saved in another layout ({'; '.join(changes)}): resume with the saved setting"
+    )
+
+
+def layout_changes(saved: dict[str, Any], layout: dict[str, Any]) -> list[str]:
+    """The differences that DeepSpeed's sharded files cannot bridge: tp, pp and its stage boundaries, the
+    ZeRO stage, the precision, and the number of dp ranks under ZeRO (which shards optimizer states by it)."""
+    changes = [
+        f"{key} {saved.get(key)} -> {layout.get(key)}"
+        for key in ("tp", "pp", "pp_parts", "zero_stage", "precision_mode")
+        if saved.get(key) != layout.get(key)
+    ]
+    if saved["dp"] != layout["dp"] and (saved["zero_stage"] > 0 or layout["zero_stage"] > 0):
+        changes.append(f"dp {saved['dp']} -> {layout['dp']} with ZeRO")
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -281,10 +320,17 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def save(
-    engine: Any, run_dir: Path, state: TrainState, meta: dict[str, Any], dist_ctx: Any, keep_last: int
+    engine: Any,
+    run_dir: Path,
+    state: TrainState,
+    meta: dict[str, Any],
+    dist_ctx: Any,
+    keep_last: int,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective: every rank writes its DeepSpeed shards and RNG state into `step_<N>.tmp`; rank 0 adds
-    checkpoint.json, renames the directory, points `latest` at it and prunes old ones."""
+    """Collective: every rank writes its DeepSpeed shards and RNG state into `step_<N>.tmp` (and whatever
+    `write_extra(tmp_dir)` adds: the trainer's `universal/`); rank 0 adds checkpoint.json, renames the
+    directory, points `latest` at it and prunes old ones."""
     root = run_dir / CHECKPOINTS
     name = f"step_{state.step}"
     tmp = root / f"{name}.tmp"
@@ -301,6 +347,8 @@ def save(
     dist_ctx.barrier()  # the directory exists before any rank writes into it
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"gptforge": meta}, save_latest=False)
     torch.save(rng_state(), tmp / f"rng_rank{dist_ctx.rank}.pt")
+    if write_extra is not None:
+        write_extra(tmp)
     dist_ctx.barrier()
     final = root / name
     if dist_ctx.is_main:
@@ -344,12 +392,35 @@ def load(engine: Any, step_dir: Path, meta: dict[str, Any], dist_ctx: Any) -> Tr
     return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
 
 
+def load_converted(
+    engine: Any, step_dir: Path, meta: dict[str, Any], model_cfg: ModelConfig, topology: Any
+) -> TrainState:
+    """Collective: resume a checkpoint of another layout from its `universal/` (weights, Adam moments and
+    step count, re-sharded for this layout). RNG streams are not carried over: they belong to the old
+    ranks; the caller reseeds."""
+    from gptforge.parallel.universal import load_universal
+
+    load_universal(engine, step_dir, model_cfg, topology)
+    return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+
+
 def load_checkpoint_weights(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any]]:
     """(model config, fp32 state dict, tokenizer info) of a run directory (its latest checkpoint), a
     `checkpoints/` directory or one step directory: what generation and export need, no optimizer."""
     step_dir = resolve(path)
     meta = read_meta(step_dir)
     cfg = config_from_dict({"model": meta["model"]}, source=str(step_dir / META_FILE)).model
+    from gptforge.parallel import universal
+
+    if universal.has_universal(step_dir):  # any layout: the serial fp32 weights, tp/pp merged
+        return cfg, universal.read_weights(step_dir, cfg), meta["tokenizer"]
+    layout = meta.get("layout", {})
+    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1 or layout.get("zero_stage", 0) == 3:
+        raise CheckpointError(
+            f"{step_dir}: {universal.UNIVERSAL}/ missing, and DeepSpeed's files of this layout (tp "
+            f"{layout.get('tp')}, pp {layout.get('pp')}, ZeRO-{layout.get('zero_stage')}) hold no whole model; "
+            "resume the run in its layout and let it save again"
+        )
     states = step_dir / MODEL_STATES
     if not states.is_file():
         raise CheckpointError(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
@@ -105,9 +107,16 @@ class Distributed:
         return t.tolist()
 
 
-def check_layout(cfg: Config, world_size: int) -> None:
-    """Layouts this trainer runs today: data parallel with ZeRO 0 or 1. Checked before any process group."""
+def check_layout(cfg: Config, world_size: int, model_parallel: bool = False) -> None:
+    """Check the layout before any process group exists (every failure says how to fix it).
+
+    `model_parallel=True` (the pretraining trainer, whose model code has tensor/pipeline variants and
+    gathers ZeRO-3 weights where it needs them): every layout `Topology.from_config` accepts. Otherwise
+    (callers whose model is a plain module used as is): data parallel with ZeRO 0 or 1 only."""
     p = cfg.parallel
+    if model_parallel:
+        Topology.from_config(p, world_size, cfg.model)
+        return
     unsupported = []
     if p.tp > 1:
         unsupported.append(f"parallel.tp={p.tp} (tensor parallelism)")
@@ -255,14 +264,23 @@ def optimizer_guards(mode: str, zero_stage: int) -> bool:
 def deepspeed_config(cfg: Config, plan: BatchPlan, mode: str) -> dict[str, Any]:
     """DeepSpeed's JSON config for our config. Everything DeepSpeed would do per step that we do not need
     (progress prints, throughput timers that synchronize the device, its own monitors) is off."""
-    guarded = optimizer_guards(mode, cfg.parallel.zero_stage)
+    p = cfg.parallel
+    guarded = optimizer_guards(mode, p.zero_stage)
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
     ds: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_accumulation_steps": plan.grad_accum,  # = the pipeline's micro-batches per step
         "gradient_clipping": 0.0 if guarded else cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # ZeRO-Offload runs our AdamW (torch's fused CPU kernel) on the offloaded fp32 states instead of
+        # DeepSpeed's CPU Adam, a C++ op compiled on first use: one optimizer, same numbers, in every layout.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
@@ -279,15 +297,26 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, mode: str) -> dict[str, Any]:
     return ds
 
 
+def is_pipeline(engine: Any) -> bool:
+    """A DeepSpeed PipelineEngine (pp > 1): it runs whole steps (`train_batch`), not forward/backward."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
 def build_engine(cfg: Config, model: nn.Module, plan: BatchPlan, mode: str, dist_ctx: Distributed) -> Any:
     """`deepspeed.initialize` with our AdamW (decay groups), and DeepSpeed's checkpoint loader switched to
-    `torch.load(weights_only=True)`."""
+    `torch.load(weights_only=True)`. `model` is what `gptforge.parallel.parallelize` made: a (tp-sharded)
+    GPT, or a pipeline stage, for which DeepSpeed builds its PipelineEngine (whose grid, built from the same
+    topology, is then the mpu: DeepSpeed accepts no other with a pipeline)."""
     import deepspeed
 
+    from gptforge.parallel.parallelize import counts_in_grad_norm
     from gptforge.train.checkpoint import SafeCheckpointEngine
 
-    o = cfg.optim
+    o, topo = cfg.optim, dist_ctx.topology
     guarded = optimizer_guards(mode, cfg.parallel.zero_stage)
+    split = guarded and (topo.tp > 1 or topo.pp > 1)  # our AdamW's norm spans the model-parallel group
     optimizer = AdamW(
         param_groups(model, o.weight_decay),
         lr=o.lr,
@@ -295,18 +324,24 @@ def build_engine(cfg: Config, model: nn.Module, plan: BatchPlan, mode: str, dist
         eps=o.eps,
         guard=guarded,
         max_grad_norm=o.grad_clip,
+        norm_group=topo.get_model_parallel_group() if split else None,
+        norm_counts=partial(counts_in_grad_norm, tp_rank=topo.get_tensor_model_parallel_rank()) if split else None,
         fused=dist_ctx.device.type in ("cpu", "cuda"),
     )
+    if topo.pp > 1:  # its stages exchange activations by broadcasts that autograd passes through as is
+        warnings.filterwarnings("ignore", message="c10d::broadcast_: an autograd kernel was not registered")
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         config=deepspeed_config(cfg, plan, mode),
-        mpu=dist_ctx.topology,
+        mpu=None if topo.pp > 1 else topo,
         dist_init_required=False,
     )
     if plan.dp == 1 and cfg.parallel.zero_stage == 0:
         # Nothing to reduce, but DeepSpeed would still flatten every gradient into a bucket, "all-reduce"
-        # it over one rank and copy it back: two extra copies of the gradients per step.
+        # it over one rank and copy it back: two extra copies of the gradients per step. (A pipeline
+        # engine has its own flag; its tied-embedding reduction between stages is separate and stays.)
         engine.enable_backward_allreduce = False
+        engine.pipeline_enable_backward_allreduce = False
     engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
     return engine

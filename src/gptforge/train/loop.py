@@ -33,12 +33,15 @@ from gptforge.data.loader import (
 )
 from gptforge.errors import DataError, GptforgeError
 from gptforge.model import count_parameters, flops_per_token
+from gptforge.parallel.parallelize import parallelize, pp_parts, seed_model_parallel, stage_lines
+from gptforge.parallel.universal import gather_weights, has_universal, save_universal
 from gptforge.train import checkpoint
 from gptforge.train.engine import (
     Distributed,
     build_engine,
     check_layout,
     init_distributed,
+    is_pipeline,
     launched_world_size,
     plan_batch,
     precision_mode,
@@ -67,7 +70,12 @@ def seed_everything(seed: int) -> None:
 
 
 def train_step(engine: Any, micro_batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> Tensor:
-    """One optimizer step over this rank's micro-batches; returns their mean loss (a tensor: no host sync)."""
+    """One optimizer step over this rank's micro-batches; returns their mean loss (a tensor: no host sync).
+    A pipeline engine runs them through its 1F1B schedule (every stage is handed the same iterator; the
+    first stage reads the inputs, the last the targets) and gives the mean loss to every stage."""
+    if is_pipeline(engine):
+        engine.train_batch(iter(micro_batches))
+        return engine.dp_group_loss
     total, n = None, 0
     for x, y in micro_batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -83,6 +91,8 @@ def train_step(engine: Any, micro_batches: Iterable[tuple[Tensor, Tensor]], devi
 @torch.no_grad()
 def evaluate(engine: Any, batches: list[tuple[Tensor, Tensor]], dist_ctx: Distributed) -> float:
     """Mean loss over the fixed validation windows (each rank its share, summed over ranks)."""
+    if is_pipeline(engine):
+        return _evaluate_pipeline(engine, batches, dist_ctx)
     engine.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=dist_ctx.device), 0
     for x, y in batches:
@@ -91,6 +101,28 @@ def evaluate(engine: Any, batches: list[tuple[Tensor, Tensor]], dist_ctx: Distri
         count += x.size(0)
     engine.train()
     loss_sum, n = dist_ctx.sum([float(total), float(count)])
+    return loss_sum / n
+
+
+def _evaluate_pipeline(engine: Any, batches: list[tuple[Tensor, Tensor]], dist_ctx: Distributed) -> float:
+    """`evaluate` through the pipeline: one `eval_batch` over this rank's windows (the last micro-batch may
+    be smaller: shapes are sent with each), the losses weighted by micro-batch size on the last stage."""
+    if dist_ctx.any(not batches):  # eval_batch is collective; fewer windows than dp ranks: nothing to run
+        return float("nan")
+    engine.dynamic_shape = True
+    engine.reset_activation_shape()
+    try:
+        losses = engine.eval_batch(
+            iter(batches), num_micro_batches=len(batches), reduce_output=None, bcast_loss=False
+        )
+    finally:
+        engine.dynamic_shape = False
+        engine.reset_activation_shape()  # training's micro-batches announce their shape again
+    total = count = 0.0
+    if engine.is_last_stage():
+        total = sum(float(loss) * x.size(0) for loss, (x, _) in zip(losses, batches, strict=True))
+        count = float(sum(x.size(0) for x, _ in batches))
+    loss_sum, n = dist_ctx.sum([total, count])
     return loss_sum / n
 
 
@@ -110,7 +142,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str = "auto", allow_new_data: bool = False) -> None:
         world = launched_world_size()
-        check_layout(cfg, world)  # before any process group: a bad layout fails on every rank at once
+        check_layout(cfg, world, model_parallel=True)  # before any process group: fails on every rank at once
         self.plan = plan_batch(cfg, world // (cfg.parallel.tp * cfg.parallel.pp))
         self.manifest: Manifest = read_manifest(cfg.data.path)
         self.dist = init_distributed(cfg)
@@ -122,6 +154,7 @@ class Trainer:
         self._verify_data(cfg)
         seed_everything(cfg.train.seed)
         model, model_cfg = self._build_model(cfg)
+        model = parallelize(model, model_cfg, cfg.parallel, self.dist.topology, cfg.train.seed)
         self.cfg = dataclasses.replace(cfg, model=model_cfg)
         self.model_cfg = model_cfg
         self.layout = {
@@ -131,11 +164,19 @@ class Trainer:
             "pp": cfg.parallel.pp,
             "zero_stage": cfg.parallel.zero_stage,
             "precision_mode": self.mode,
+            "pp_parts": pp_parts(model_cfg, cfg.parallel),
         }
+        self.layout_changes: list[str] = []
         if resume_meta is not None:
             assert self.resume_dir is not None
-            checkpoint.check_resume(
-                resume_meta, self.resume_dir, model_cfg, self.manifest.sha256, self.layout, allow_new_data
+            self.layout_changes = checkpoint.check_resume(
+                resume_meta,
+                self.resume_dir,
+                model_cfg,
+                self.manifest.sha256,
+                self.layout,
+                allow_new_data,
+                convertible=has_universal(self.resume_dir),
             )
 
         t = self.cfg.train
@@ -147,7 +188,10 @@ class Trainer:
 
         self.engine = build_engine(self.cfg, model, self.plan, self.mode, self.dist)
         self.state = checkpoint.TrainState()
-        if resume_meta is not None:
+        if resume_meta is not None and self.layout_changes:
+            assert self.resume_dir is not None
+            self.state = self._load_converted(resume_meta)
+        elif resume_meta is not None:
             assert self.resume_dir is not None
             self.state = checkpoint.load(self.engine, self.resume_dir, resume_meta, self.dist)
             log.info(
@@ -187,6 +231,24 @@ class Trainer:
             raise DataError(problems[0] + more)
         if self.dist.is_main:
             remember_verified(self.manifest, todo)
+
+    def _load_converted(self, meta: dict[str, Any]) -> checkpoint.TrainState:
+        """Resume a checkpoint of another layout from its `universal/` files; the RNG streams of the old
+        ranks do not fit the new ones, so they are seeded afresh from (train.seed, step)."""
+        assert self.resume_dir is not None
+        state = checkpoint.load_converted(self.engine, self.resume_dir, meta, self.model_cfg, self.dist.topology)
+        seed = self.cfg.train.seed + state.step
+        seed_everything(seed)
+        seed_model_parallel(seed, self.dist.topology)
+        log.info(
+            "resumed from %s (step %d, %d samples consumed) under another layout (%s): weights and AdamW "
+            "state re-sharded from its universal/ files; dropout RNG reseeded",
+            self.resume_dir,
+            state.step,
+            state.consumed_samples,
+            "; ".join(self.layout_changes),
+        )
+        return state
 
     def _build_model(self, cfg: Config) -> tuple[torch.nn.Module, Any]:
         from gptforge.weights import init_model
@@ -237,6 +299,8 @@ class Trainer:
             t.precision,
             self.mode,
         )
+        for line in stage_lines(m, self.cfg.parallel, self.dist.topology):
+            log.info(line)
         log.info(
             "batch: %d sequences = %s tokens per step (micro batch %d x %d accumulation x %d data-parallel)",
             p.global_batch,
@@ -279,7 +343,7 @@ class Trainer:
 
     def _loop(self, preemption: Preemption) -> int:
         t, state = self.cfg.train, self.state
-        throughput = Throughput(state.consumed_samples * self.model_cfg.context_length, state.step)
+        throughput = Throughput(self._tokens(), state.step)
         skipped_run = 0
         last_saved = state.step if self.resume_dir else -1
         while state.step < t.max_steps:
@@ -289,7 +353,7 @@ class Trainer:
             state.step += 1
             state.consumed_samples += self.plan.global_batch
             skipped_run = self._check_step(skipped_run, loss)
-            tokens = state.consumed_samples * self.model_cfg.context_length
+            tokens = self._tokens()
 
             if state.step % t.log_interval == 0 or state.step == t.max_steps:
                 self._log_step(loss, lr, tokens, throughput)
@@ -317,6 +381,10 @@ class Trainer:
             if paused:
                 throughput.reset(tokens, state.step)
         return 0
+
+    def _tokens(self) -> int:
+        """Tokens consumed so far (every window is context_length long; fine-tuning counts its own)."""
+        return self.state.consumed_samples * self.model_cfg.context_length
 
     def _log_step(self, loss: Tensor, lr: float, tokens: int, throughput: Throughput) -> None:
         """The metrics.jsonl / TensorBoard line and the console line (the only host sync of the loss)."""
@@ -368,7 +436,18 @@ class Trainer:
         self.metrics.write({k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}, "val")
 
     def _sample(self) -> None:
-        """Text from `train.sample_prompt` (rank 0; its own seeded generator, so training RNG is untouched)."""
+        """Text from `train.sample_prompt` (rank 0; its own seeded generator, so training RNG is untouched).
+        Where no rank holds the whole model (tp, pp, ZeRO-3) the ranks first gather it onto rank 0."""
+        model = self.engine.module
+        if self.layout["tp"] > 1 or self.layout["pp"] > 1 or self.layout["zero_stage"] == 3:
+            from gptforge.model import GPT
+
+            full = gather_weights(self.engine, self.model_cfg, self.dist.topology)
+            if full is not None:
+                with torch.random.fork_rng(devices=[]):  # its init must not move the training RNG
+                    model = GPT(self.model_cfg)
+                model.load_state_dict(full)
+                model.to(self.dist.device)
         if not self.dist.is_main:
             return
         from gptforge.generate import generate
@@ -378,7 +457,7 @@ class Trainer:
         t = self.cfg.train
         prompt = tok.encode(t.sample_prompt, allow_special=True) or [tok.eot_id]
         out = generate(
-            self.engine.module,
+            model,
             [prompt],
             max_new_tokens=t.sample_tokens,
             temperature=SAMPLE_TEMPERATURE,
@@ -400,7 +479,13 @@ class Trainer:
             config_to_dict(self.cfg),
         )
         path = checkpoint.save(
-            self.engine, self.run_dir, self.state, meta, self.dist, self.cfg.train.keep_last
+            self.engine,
+            self.run_dir,
+            self.state,
+            meta,
+            self.dist,
+            self.cfg.train.keep_last,
+            write_extra=lambda tmp: save_universal(self.engine, tmp, self.model_cfg, self.dist.topology),
         )
         if self.dist.is_main:
             log.info("saved %s", path)

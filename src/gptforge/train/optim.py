@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from gptforge.config import OptimConfig
+from gptforge.model.tensor_parallel import VocabParallelEmbedding
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -18,7 +20,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     no_decay_ids = set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            if isinstance(module, (nn.Embedding, nn.LayerNorm)) or p.ndim < 2:
+            if isinstance(module, (nn.Embedding, VocabParallelEmbedding, nn.LayerNorm)) or p.ndim < 2:
                 no_decay_ids.add(id(p))
     decay, no_decay = [], []
     for p in model.parameters():  # deduplicated: a tied weight is yielded once
@@ -38,22 +40,46 @@ class AdamW(torch.optim.AdamW):
     skipped step and the LR scheduler does not advance), so every layout reports the same way.
 
     Without `guard` (ZeRO >= 1, or DeepSpeed's bf16/fp16) DeepSpeed has done all three on its flat
-    partitions before calling this step."""
+    partitions before calling this step.
+
+    Under tensor or pipeline parallelism each rank holds part of the model: `norm_counts(p)` says whether
+    this rank's copy of `p` is counted (a weight replicated on several ranks is counted on one), and the
+    squared norms are summed over `norm_group` (the model-parallel group), so every rank clips by the norm
+    of the whole model, as one process would."""
 
     def __init__(
-        self, params: Any, *, guard: bool = False, max_grad_norm: float = 0.0, **kwargs: Any
+        self,
+        params: Any,
+        *,
+        guard: bool = False,
+        max_grad_norm: float = 0.0,
+        norm_group: Any = None,
+        norm_counts: Callable[[torch.Tensor], bool] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(params, **kwargs)
         self.guard = guard
         self.max_grad_norm = max_grad_norm
+        self.norm_group = norm_group
+        self.norm_counts = norm_counts
         self.overflow = False
         self._global_grad_norm: torch.Tensor | None = None
+
+    def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        grads = [p.grad for p in params if self.norm_counts is None or self.norm_counts(p)]
+        if self.norm_group is None:
+            return torch.nn.utils.get_total_norm(grads, foreach=True)
+        device = self.param_groups[0]["params"][0].device  # a stage may count no gradient of its own
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=device)
+        squared = norm.double().square()
+        torch.distributed.all_reduce(squared, group=self.norm_group)
+        return squared.sqrt().to(norm.dtype)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         if self.guard:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            norm = self._grad_norm(params)
             self._global_grad_norm = norm
             self.overflow = not bool(torch.isfinite(norm))
             if self.overflow:
