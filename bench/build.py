@@ -143,7 +143,11 @@ def load_texts(corpus: Path) -> tuple[list[str], list[str]]:
 
 def precision_recall(predicted: set[str], planted: dict, kinds: tuple[str, ...]) -> tuple[float, float]:
     truth = {k for k, (_, kind) in planted.items() if kind in kinds}
-    pred = predicted if len(kinds) == 2 else predicted - {k for k, (_, kind) in planted.items() if kind not in kinds}
+    pred = (
+        predicted
+        if len(kinds) == 2
+        else predicted - {k for k, (_, kind) in planted.items() if kind not in kinds}
+    )
     tp = len(pred & truth)
     return (tp / len(pred) if pred else 1.0), (tp / len(truth) if truth else 1.0)
 
@@ -239,13 +243,18 @@ print(json.dumps({"signature": t1 - t0, "total": t2 - t0}))
 """
 
 
-def run_datatrove(corpus: Path, work: Path, bands: int, rows: int, ids: list[str]) -> tuple[float, float, set[str]]:
+def run_datatrove(
+    corpus: Path, work: Path, bands: int, rows: int, ids: list[str]
+) -> tuple[float, float, set[str]]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     script = work.parent / "datatrove_minhash.py"
     script.write_text(DATATROVE_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(corpus), str(work), str(bands), str(rows)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(corpus), str(work), str(bands), str(rows)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"datatrove failed:\n{proc.stderr[-3000:]}")
     times = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -269,11 +278,16 @@ def main() -> None:
     ids, texts = load_texts(corpus)
     mb = sum(len(t.encode()) for t in texts) / 1e6
     n_exact = sum(kind == "exact" for _, kind in planted.values())
-    print(f"corpus: {len(texts)} documents, {mb:.1f} MB, {n_exact} exact + {len(planted) - n_exact} near "
-          f"copies planted ({time.perf_counter() - t0:.0f} s to make)", flush=True)
+    print(
+        f"corpus: {len(texts)} documents, {mb:.1f} MB, {n_exact} exact + {len(planted) - n_exact} near "
+        f"copies planted ({time.perf_counter() - t0:.0f} s to make)",
+        flush=True,
+    )
     bands, rows = lsh_params(0.8, 128)
 
-    times: dict[str, list[float]] = {k: [] for k in ("tiktoken", "ours", "near", "dt_total", "dt_sig", "ds", "vec")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("tiktoken", "ours", "near", "dt_total", "dt_sig", "ds", "vec")
+    }
     result = dt_removed = None
     for rep in range(args.reps):
         times["tiktoken"].append(run_tiktoken(texts, args.workers))
@@ -296,8 +310,11 @@ def main() -> None:
     def paired(peer: str, ours: str) -> float:
         return float(np.median([p / o for p, o in zip(times[peer], times[ours], strict=True)]))
 
-    ours_removed = {json.loads(line)["id"] for line in (tmp / "out" / "removed.jsonl").read_text().splitlines()
-                    if json.loads(line)["reason"] in ("exact_duplicate", "near_duplicate")}
+    ours_removed = {
+        json.loads(line)["id"]
+        for line in (tmp / "out" / "removed.jsonl").read_text().splitlines()
+        if json.loads(line)["reason"] in ("exact_duplicate", "near_duplicate")
+    }
     pr = {
         "ours": precision_recall(ours_removed, planted, ("exact", "near")),
         "ours_near": precision_recall(ours_removed, planted, ("near",)),
@@ -307,8 +324,11 @@ def main() -> None:
     stages = result.stats
     cpu = "unknown"
     with contextlib.suppress(StopIteration, OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        )
 
     def rate(seconds: float) -> float:
         return mb / seconds
@@ -338,7 +358,8 @@ def main() -> None:
         "Per repetition (interleaved), end to end / raw tiktoken: "
         + ", ".join(f"{t / o:.2f}" for t, o in zip(times["tiktoken"], times["ours"], strict=True))
         + "; near dedup ours / datatrove: "
-        + ", ".join(f"{d / n:.1f}" for d, n in zip(times["dt_total"], times["near"], strict=True)) + ".",
+        + ", ".join(f"{d / n:.1f}" for d, n in zip(times["dt_total"], times["near"], strict=True))
+        + ".",
         "",
         "Our stages in the last end-to-end run (seconds summed over processes, so MB/s is per process):",
         "",

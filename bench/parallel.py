@@ -92,7 +92,9 @@ def count_collectives() -> tuple[dict[str, int], dict[str, bool]]:
                 elif how == "input":
                     counts[name] += _nbytes(args[1] if len(args) > 1 else kwargs["input"])
                 else:
-                    counts[name] += sum(_nbytes(t) for t in (args[1] if len(args) > 1 else kwargs["input_list"]))
+                    counts[name] += sum(
+                        _nbytes(t) for t in (args[1] if len(args) > 1 else kwargs["input_list"])
+                    )
             outer, state["inside"] = state["inside"], True
             try:
                 return real(*args, **kwargs)
@@ -149,8 +151,15 @@ def worker(spec_path: str) -> None:
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0:
-        Path(spec["out"]).write_text(json.dumps({"ranks": everyone, "global_batch": trainer.plan.global_batch,
-                                                  "context": trainer.model_cfg.context_length}))
+        Path(spec["out"]).write_text(
+            json.dumps(
+                {
+                    "ranks": everyone,
+                    "global_batch": trainer.plan.global_batch,
+                    "context": trainer.model_cfg.context_length,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
@@ -180,10 +189,23 @@ def launch(name: str, work: Path, args: argparse.Namespace, data: Path, rep: int
     }
     spec_path = work / f"{name}-{rep}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
-               PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-           "--worker", str(spec_path)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        CUDA_VISIBLE_DEVICES="",
+        DS_ACCELERATOR="cpu",
+        PYTHONWARNINGS="ignore",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        __file__,
+        "--worker",
+        str(spec_path),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0 and not out.is_file():
         raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -195,14 +217,29 @@ def launch(name: str, work: Path, args: argparse.Namespace, data: Path, rep: int
 def build_data(work: Path) -> Path:
     data = work / "data"
     if not (data / "manifest.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "data_pipeline" / "build.py"), "--input",
-                        str(ROOT / "corpus" / "demo" / "tinyshakespeare.txt.gz"), "--output", str(data),
-                        "--val-fraction", "0.1", "--no-progress"], check=True, cwd=ROOT, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "data_pipeline" / "build.py"),
+                "--input",
+                str(ROOT / "corpus" / "demo" / "tinyshakespeare.txt.gz"),
+                "--output",
+                str(data),
+                "--val-fraction",
+                "0.1",
+                "--no-progress",
+            ],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )
     return data
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated (default: all)")
     parser.add_argument("--reps", type=int, default=3)
@@ -210,7 +247,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the timing")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=16)
-    parser.add_argument("--data", type=Path, help="a build output directory (default: the demo corpus, built)")
+    parser.add_argument(
+        "--data", type=Path, help="a build output directory (default: the demo corpus, built)"
+    )
     parser.add_argument("--work", type=Path, help="where runs go (default: a temporary directory)")
     return parser.parse_args(argv)
 
@@ -230,7 +269,7 @@ def main(argv: list[str]) -> None:
         data = args.data or build_data(work)
         results: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for rep in range(args.reps):
-            order = names[rep % len(names):] + names[: rep % len(names)]
+            order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 results[name].append(launch(name, work, args, data, rep))
                 print(f"rep {rep + 1}/{args.reps}: {name} done", file=sys.stderr, flush=True)
@@ -245,12 +284,16 @@ def report(names: list[str], results: dict[str, list[dict[str, Any]]], args: arg
         return r["global_batch"] * r["context"] / step
 
     first = results["serial"][0]
-    print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}; configs/tiny.yaml model, demo corpus; global batch {args.global_batch} x "
-          f"{first['context']} tokens, micro batch {args.micro_batch}, fp32; {args.reps} reps x {args.steps} "
-          f"steps ({args.warmup} warm-up)")
-    print("| layout | processes | tokens/s (median) | vs 1 process (median of per-rep ratios) | "
-          "collective payload per step per rank (mean over ranks) | by op |")
+    print(
+        f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}; configs/tiny.yaml model, demo corpus; global batch {args.global_batch} x "
+        f"{first['context']} tokens, micro batch {args.micro_batch}, fp32; {args.reps} reps x {args.steps} "
+        f"steps ({args.warmup} warm-up)"
+    )
+    print(
+        "| layout | processes | tokens/s (median) | vs 1 process (median of per-rep ratios) | "
+        "collective payload per step per rank (mean over ranks) | by op |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name in names:
         runs = results[name]
@@ -263,9 +306,13 @@ def report(names: list[str], results: dict[str, list[dict[str, Any]]], args: arg
                 for op, b in step.items():
                     ops[op] += b / len(rank["bytes"]) / len(runs[0]["ranks"])
         total = sum(ops.values())
-        by_op = ", ".join(f"{op} {b / 1e6:.2f} MB" for op, b in sorted(ops.items(), key=lambda kv: -kv[1]) if b)
-        print(f"| {name} | {LAYOUTS[name][0]} | {statistics.median(tokens_per_s(r) for r in runs):,.0f} | "
-              f"{ratio:.2f}x | {total / 1e6:.2f} MB | {by_op or '-'} |")
+        by_op = ", ".join(
+            f"{op} {b / 1e6:.2f} MB" for op, b in sorted(ops.items(), key=lambda kv: -kv[1]) if b
+        )
+        print(
+            f"| {name} | {LAYOUTS[name][0]} | {statistics.median(tokens_per_s(r) for r in runs):,.0f} | "
+            f"{ratio:.2f}x | {total / 1e6:.2f} MB | {by_op or '-'} |"
+        )
 
 
 if __name__ == "__main__":

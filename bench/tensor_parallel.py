@@ -55,8 +55,13 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     topo = Topology(tp=2).init_process_groups()
-    cfg = ModelConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
-                      context_length=args.context, vocab_size=50257)
+    cfg = ModelConfig(
+        n_layer=args.layers,
+        n_head=args.heads,
+        d_model=args.d_model,
+        context_length=args.context,
+        vocab_size=50257,
+    )
     torch.manual_seed(0)
     serial = GPT(cfg)
     par = tpl.parallelize_tensor(copy.deepcopy(serial), topo)
@@ -64,7 +69,10 @@ def worker(args: argparse.Namespace) -> None:
     targets = torch.randint(0, 50257, (args.batch, args.context))
     with torch.no_grad():
         check = abs(par(idx, targets)[1].item() - serial(idx, targets)[1].item())
-    opts = {"serial": torch.optim.SGD(serial.parameters(), lr=1e-4), "tp2": torch.optim.SGD(par.parameters(), lr=1e-4)}
+    opts = {
+        "serial": torch.optim.SGD(serial.parameters(), lr=1e-4),
+        "tp2": torch.optim.SGD(par.parameters(), lr=1e-4),
+    }
 
     sent = {"bytes": 0}
     real_all_reduce = dist.all_reduce
@@ -94,16 +102,20 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_reduce = real_all_reduce
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.reps):
-        for v in variants[r % 3:] + variants[:r % 3]:
+        for v in variants[r % 3 :] + variants[: r % 3]:
             times[v].append(run(v))
     if rank != 0:
         dist.destroy_process_group()
         return
     tokens = args.batch * args.context
-    print(f"# {datetime.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}")
-    print(f"# GPT {args.layers} layers, d_model {args.d_model}, {args.heads} heads, context {args.context}, "
-          f"vocab 50257, batch {args.batch}; fp32; {args.reps} reps; |loss tp2 - serial| = {check:.2e}")
+    print(
+        f"# {datetime.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"# GPT {args.layers} layers, d_model {args.d_model}, {args.heads} heads, context {args.context}, "
+        f"vocab 50257, batch {args.batch}; fp32; {args.reps} reps; |loss tp2 - serial| = {check:.2e}"
+    )
     print("| variant | tokens/s (median) | tp2 speed-up vs it (median of per-rep ratios) |")
     print("| --- | ---: | ---: |")
     for v in variants:
@@ -119,8 +131,16 @@ def main(argv: list[str]) -> None:
         worker(args)
         return
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           "--worker", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        "--worker",
+        *argv,
+    ]
     sys.exit(subprocess.call(cmd, env=env))
 
 

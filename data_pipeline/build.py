@@ -47,34 +47,71 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32),
     )
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="input files, directories, globs or hf:NAME[:SPLIT] (repeatable)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="input files, directories, globs or hf:NAME[:SPLIT] (repeatable)",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="output directory")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 or sentencepiece:MODEL")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.json/.parquet/hf records")
     p.add_argument("--dedup", default="exact,minhash", help="none, exact, minhash or exact,minhash")
-    p.add_argument("--minhash-threshold", type=float, default=0.8,
-                   help="near-duplicate Jaccard threshold over word n-gram shingles (sets LSH bands/rows)")
+    p.add_argument(
+        "--minhash-threshold",
+        type=float,
+        default=0.8,
+        help="near-duplicate Jaccard threshold over word n-gram shingles (sets LSH bands/rows)",
+    )
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
     p.add_argument("--ngram", type=int, default=5, help="words per MinHash shingle")
-    p.add_argument("--filters", default="default",
-                   help="quality filters: default, none, or a YAML file overriding data_pipeline/filters_default.yaml")
-    p.add_argument("--strip-gutenberg", action="store_true",
-                   help="remove Project Gutenberg licence headers and footers")
-    p.add_argument("--utf8-errors", choices=("strict", "replace"), default="strict",
-                   help="invalid UTF-8: strict removes the document as decode_error, replace repairs it (U+FFFD)")
-    p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="share of documents in val (by a hash of seed and id); with too few documents, the "
-                        "share of tokens at the end of the token stream")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="start a new shard after this many tokens")
-    p.add_argument("--workers", type=int, default=default_workers(),
-                   help="worker processes (scan) and threads (tokenize) per rank; default: the CPUs available "
-                        "divided by the MPI ranks on this node")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the val split and the MinHash permutations")
-    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                   help="a malformed record: fail with file:line, or skip it as parse_error")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an output built with other options (only the build's own files are removed)")
+    p.add_argument(
+        "--filters",
+        default="default",
+        help="quality filters: default, none, or a YAML file overriding data_pipeline/filters_default.yaml",
+    )
+    p.add_argument(
+        "--strip-gutenberg", action="store_true", help="remove Project Gutenberg licence headers and footers"
+    )
+    p.add_argument(
+        "--utf8-errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="invalid UTF-8: strict removes the document as decode_error, replace repairs it (U+FFFD)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="share of documents in val (by a hash of seed and id); with too few documents, the "
+        "share of tokens at the end of the token stream",
+    )
+    p.add_argument(
+        "--shard-tokens", type=int, default=100_000_000, help="start a new shard after this many tokens"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="worker processes (scan) and threads (tokenize) per rank; default: the CPUs available "
+        "divided by the MPI ranks on this node",
+    )
+    p.add_argument(
+        "--seed", type=int, default=1234, help="seed of the val split and the MinHash permutations"
+    )
+    p.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a malformed record: fail with file:line, or skip it as parse_error",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output built with other options (only the build's own files are removed)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars or summary table")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p.parse_args(argv)
@@ -84,11 +121,23 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging()
     opts = BuildOptions(
-        inputs=args.input, output=args.output, tokenizer=args.tokenizer, text_field=args.text_field,
-        dedup=parse_dedup(args.dedup), minhash_threshold=args.minhash_threshold, num_perm=args.num_perm,
-        ngram=args.ngram, filters=args.filters, strip_gutenberg=args.strip_gutenberg,
-        utf8_errors=args.utf8_errors, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-        seed=args.seed, on_error=args.on_error, workers=args.workers, overwrite=args.overwrite,
+        inputs=args.input,
+        output=args.output,
+        tokenizer=args.tokenizer,
+        text_field=args.text_field,
+        dedup=parse_dedup(args.dedup),
+        minhash_threshold=args.minhash_threshold,
+        num_perm=args.num_perm,
+        ngram=args.ngram,
+        filters=args.filters,
+        strip_gutenberg=args.strip_gutenberg,
+        utf8_errors=args.utf8_errors,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        seed=args.seed,
+        on_error=args.on_error,
+        workers=args.workers,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     run_build(opts)

@@ -50,8 +50,13 @@ class MinHasher(Step):
 
     name = "minhash"
 
-    def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1,
-                 permutations: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        num_perm: int = 128,
+        ngram: int = 5,
+        seed: int = 1,
+        permutations: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         a, b = permutations if permutations is not None else minhash_permutations(num_perm, seed)
         self.a = np.asarray(a, dtype=np.uint32)
@@ -82,8 +87,10 @@ class MinHasher(Step):
         for i, (h, _) in enumerate(words):
             if len(h) < n:  # fewer words than a shingle (or none): the single-document path
                 todo[i].signature = self.signature_of_shingles(
-                    (ngram_hashes(h, n) >> np.uint64(32)).astype(np.uint32) if len(h)
-                    else shingle_hashes(todo[i].text.lower().encode("utf-8"), n))
+                    (ngram_hashes(h, n) >> np.uint64(32)).astype(np.uint32)
+                    if len(h)
+                    else shingle_hashes(todo[i].text.lower().encode("utf-8"), n)
+                )
         if not many:
             return
         hashes = np.concatenate([words[i][0] for i in many])
@@ -139,7 +146,10 @@ class NearDedup:
         lsh = MinHashLSH(num_perm=self.num_perm, params=(self.bands, self.rows))
         sigs = np.ascontiguousarray(signatures, dtype=np.uint32)
         band_keys = [
-            np.ascontiguousarray(sigs[:, lo:hi].byteswap()).view(np.dtype((np.void, 4 * (hi - lo)))).ravel().tolist()
+            np.ascontiguousarray(sigs[:, lo:hi].byteswap())
+            .view(np.dtype((np.void, 4 * (hi - lo))))
+            .ravel()
+            .tolist()
             for lo, hi in lsh.hashranges
         ]
         tables = list(zip(band_keys, lsh.hashtables, strict=True))

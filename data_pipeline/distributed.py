@@ -90,7 +90,9 @@ def get_comm() -> Comm:
     try:
         comm = MpiComm()
     except ImportError as exc:
-        raise DataError(f"launched under MPI but mpi4py cannot load ({exc}); pip install mpi4py mpich") from None
+        raise DataError(
+            f"launched under MPI but mpi4py cannot load ({exc}); pip install mpi4py mpich"
+        ) from None
     return comm if comm.size > 1 else Comm()
 
 
@@ -135,7 +137,9 @@ class WorkerPool:
     few batches, never the corpus; a slow batch does not idle the other workers at once). With one worker the
     function runs in this process."""
 
-    def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple, fork: bool = False) -> None:
+    def __init__(
+        self, workers: int, initializer: Callable[..., None], initargs: tuple, fork: bool = False
+    ) -> None:
         self.workers = max(1, workers)
         self._pool: ProcessPoolExecutor | None = None
         if self.workers == 1:
@@ -145,8 +149,10 @@ class WorkerPool:
             # process is not safe to use, so MPI ranks spawn.
             method = "fork" if fork and "fork" in multiprocessing.get_all_start_methods() else "spawn"
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context(method),
-                initializer=initializer, initargs=initargs,
+                self.workers,
+                mp_context=multiprocessing.get_context(method),
+                initializer=initializer,
+                initargs=initargs,
             )
 
     def imap(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:

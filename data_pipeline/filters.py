@@ -76,11 +76,18 @@ class GopherQuality(QualityFilter):
             return self.fail("max_mean_word_length")
         text = doc.text
         ellipses = text.count("...") + text.count("…")
-        if t["max_symbol_word_ratio"] is not None and _ratio(text.count("#") + ellipses, n) > t["max_symbol_word_ratio"]:
+        if (
+            t["max_symbol_word_ratio"] is not None
+            and _ratio(text.count("#") + ellipses, n) > t["max_symbol_word_ratio"]
+        ):
             return self.fail("max_symbol_word_ratio")
         ls = lines(doc)
         limit = t["max_ellipsis_line_ratio"]
-        if limit is not None and ellipses and _ratio(sum(map(str.endswith, ls, repeat(ELLIPSES))), len(ls)) > limit:
+        if (
+            limit is not None
+            and ellipses
+            and _ratio(sum(map(str.endswith, ls, repeat(ELLIPSES))), len(ls)) > limit
+        ):
             return self.fail("max_ellipsis_line_ratio")
         limit = t["max_bullet_line_ratio"]
         if limit is not None and _ratio(sum(map(str.startswith, ls, repeat(BULLETS))), len(ls)) > limit:
@@ -138,12 +145,18 @@ class FineWebQuality(QualityFilter):
         total = len(doc.text)
         if t["max_duplicate_line_ratio"] is not None or t["max_duplicate_line_char_ratio"] is not None:
             dup, chars = self._duplicates(ls)
-            if t["max_duplicate_line_ratio"] is not None and _ratio(dup, len(ls)) > t["max_duplicate_line_ratio"]:
+            if (
+                t["max_duplicate_line_ratio"] is not None
+                and _ratio(dup, len(ls)) > t["max_duplicate_line_ratio"]
+            ):
                 return self.fail("max_duplicate_line_ratio")
             limit = t["max_duplicate_line_char_ratio"]
             if limit is not None and _ratio(chars, total) > limit:
                 return self.fail("max_duplicate_line_char_ratio")
-        if t["max_duplicate_paragraph_ratio"] is not None or t["max_duplicate_paragraph_char_ratio"] is not None:
+        if (
+            t["max_duplicate_paragraph_ratio"] is not None
+            or t["max_duplicate_paragraph_char_ratio"] is not None
+        ):
             paras = [p for p in map(str.strip, _PARAGRAPH_BREAK.split(doc.text)) if p]
             dup, chars = self._duplicates(paras)
             limit = t["max_duplicate_paragraph_ratio"]
@@ -211,7 +224,6 @@ class RepetitionFilter(QualityFilter):
                 for k in np.flatnonzero(has & (worst > limit * totals)):
                     docs[idx[k]].cache["repetition_check"].append((n, limit))
 
-
     def apply(self, doc: Doc) -> str | None:
         if "repetition_check" not in doc.cache:
             self.prepare([doc])
@@ -256,7 +268,9 @@ def _check_value(path: str, where: str, value: Any, default: Any) -> None:
             if not isinstance(n, int) or n < 1 or not (v is None or isinstance(v, (int, float))):
                 raise ConfigError(f"{path}: {where}.{n} must map a positive integer to a number or null")
     elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"{path}: {where} must be a number or null (null switches the check off), got {value!r}")
+        raise ConfigError(
+            f"{path}: {where} must be a number or null (null switches the check off), got {value!r}"
+        )
 
 
 def load_filter_config(spec: str) -> dict[str, dict[str, Any]]:
@@ -280,14 +294,18 @@ def load_filter_config(spec: str) -> dict[str, dict[str, Any]]:
     merged = copy.deepcopy(default)
     for family, params in user.items():
         if family not in default:
-            raise ConfigError(f"{path}: unknown filter family {family!r}{_nearest(str(family), list(default))}")
+            raise ConfigError(
+                f"{path}: unknown filter family {family!r}{_nearest(str(family), list(default))}"
+            )
         if params is None:
             params = {"enabled": False}
         if not isinstance(params, dict):
             raise ConfigError(f"{path}: {family} must be a mapping of checks to thresholds")
         for key, value in params.items():
             if key not in default[family]:
-                raise ConfigError(f"{path}: unknown key {family}.{key}{_nearest(str(key), list(default[family]))}")
+                raise ConfigError(
+                    f"{path}: unknown key {family}.{key}{_nearest(str(key), list(default[family]))}"
+                )
             _check_value(str(path), f"{family}.{key}", value, default[family][key])
             merged[family][key] = value
     return merged

@@ -77,8 +77,13 @@ class BuildOptions:
         minhash = None
         if "minhash" in self.dedup:
             bands, rows = lsh_params(self.minhash_threshold, self.num_perm)
-            minhash = {"threshold": self.minhash_threshold, "num_perm": self.num_perm, "ngram": self.ngram,
-                       "bands": bands, "rows": rows}
+            minhash = {
+                "threshold": self.minhash_threshold,
+                "num_perm": self.num_perm,
+                "ngram": self.ngram,
+                "bands": bands,
+                "rows": rows,
+            }
         config = {
             "inputs": list(self.inputs),
             "text_field": self.text_field,

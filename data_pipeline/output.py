@@ -69,7 +69,9 @@ def prepare(out: Path, config: dict[str, Any], overwrite: bool) -> bool:
         if old == config:
             if _intact(out):
                 return False
-            log.warning("%s was built with these options but its shards are missing or damaged: rebuilding", out)
+            log.warning(
+                "%s was built with these options but its shards are missing or damaged: rebuilding", out
+            )
         elif not overwrite:
             what = _diff(old, config) if isinstance(old, dict) else "unreadable manifest"
             raise DataError(

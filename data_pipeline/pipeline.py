@@ -108,7 +108,13 @@ def process_batch(records: list[tuple]) -> BatchResult:
             texts.append(data)
             lens.append(len(data))
     return BatchResult(
-        ids, reasons, nbytes, b"".join(hashes), np.stack(sigs) if sigs else None, b"".join(texts), lens,
+        ids,
+        reasons,
+        nbytes,
+        b"".join(hashes),
+        np.stack(sigs) if sigs else None,
+        b"".join(texts),
+        lens,
         [step.take_stats() for step in _STEPS],
     )
 
@@ -158,17 +164,33 @@ class RankScan:
 
 def scan(opts: BuildOptions, sources: list[Source], tmp: Path, rank: int, show: bool, fork: bool) -> RankScan:
     worker_opts = {
-        "text_field": opts.text_field, "utf8_errors": opts.utf8_errors, "on_error": opts.on_error,
-        "strip_gutenberg": opts.strip_gutenberg, "filters": opts.filter_config, "exact": "exact" in opts.dedup,
-        "minhash": {"num_perm": opts.num_perm, "ngram": opts.ngram, "seed": opts.seed,
-                    "permutations": minhash_permutations(opts.num_perm, opts.seed)}
-        if "minhash" in opts.dedup else None,
+        "text_field": opts.text_field,
+        "utf8_errors": opts.utf8_errors,
+        "on_error": opts.on_error,
+        "strip_gutenberg": opts.strip_gutenberg,
+        "filters": opts.filter_config,
+        "exact": "exact" in opts.dedup,
+        "minhash": {
+            "num_perm": opts.num_perm,
+            "ngram": opts.ngram,
+            "seed": opts.seed,
+            "permutations": minhash_permutations(opts.num_perm, opts.seed),
+        }
+        if "minhash" in opts.dedup
+        else None,
     }
     out = RankScan()
     read = StepStats("read")
-    total = None if any(s.compressed or s.kind in ("hf", "parquet") for s in sources) else sum(s.size for s in sources)
-    with WorkerPool(opts.workers, init_worker, (worker_opts,), fork=fork) as pool, \
-            Progress(show, "scan", total) as bar, open(tmp / f"text-{rank:05d}.bin", "wb") as text_file:
+    total = (
+        None
+        if any(s.compressed or s.kind in ("hf", "parquet") for s in sources)
+        else sum(s.size for s in sources)
+    )
+    with (
+        WorkerPool(opts.workers, init_worker, (worker_opts,), fork=fork) as pool,
+        Progress(show, "scan", total) as bar,
+        open(tmp / f"text-{rank:05d}.bin", "wb") as text_file,
+    ):
         for res in pool.imap(process_batch, _records(sources, opts.text_field, read)):
             out.ids += res.ids
             out.reasons += res.reasons
@@ -258,7 +280,9 @@ def decide(opts: BuildOptions, shared: list[tuple], out: Path) -> Decisions:
     return Decisions(keep, val, tail, len(kept_ids), dict(sorted(removed.items())), stats)
 
 
-def _write_removed(path: Path, ids: list[str], reasons: list[str | None], duplicate_of: dict[int, int]) -> None:
+def _write_removed(
+    path: Path, ids: list[str], reasons: list[str | None], duplicate_of: dict[int, int]
+) -> None:
     import json
 
     tmp = path.with_suffix(".jsonl.tmp")
@@ -266,8 +290,12 @@ def _write_removed(path: Path, ids: list[str], reasons: list[str | None], duplic
         for g, reason in enumerate(reasons):
             if reason is not None:
                 dup = duplicate_of.get(g)
-                f.write(json.dumps({"id": ids[g], "reason": reason,
-                                    "duplicate_of": None if dup is None else ids[dup]}, ensure_ascii=False))
+                f.write(
+                    json.dumps(
+                        {"id": ids[g], "reason": reason, "duplicate_of": None if dup is None else ids[dup]},
+                        ensure_ascii=False,
+                    )
+                )
                 f.write("\n")
     tmp.replace(path)
 
@@ -275,8 +303,9 @@ def _write_removed(path: Path, ids: list[str], reasons: list[str | None], duplic
 # ---------------------------------------------------------------------------------------------- tokenize
 
 
-def tokenize(opts: BuildOptions, tmp: Path, rank: int, keep: np.ndarray, text_lens: list[int], dtype: str,
-             show: bool) -> tuple[np.ndarray, StepStats]:
+def tokenize(
+    opts: BuildOptions, tmp: Path, rank: int, keep: np.ndarray, text_lens: list[int], dtype: str, show: bool
+) -> tuple[np.ndarray, StepStats]:
     """Tokenize this rank's kept documents into `tokens-RANK.bin`; returns their token counts."""
     tok = Tokenize(opts.tokenizer, dtype, threads=opts.workers)
     offsets = np.concatenate(([0], np.cumsum(np.asarray(text_lens, dtype=np.int64))))
@@ -312,8 +341,9 @@ def tokenize(opts: BuildOptions, tmp: Path, rank: int, keep: np.ndarray, text_le
 # ---------------------------------------------------------------------------------------------- write (rank 0)
 
 
-def write_output(opts: BuildOptions, out: Path, tmp: Path, dec: Decisions, lengths: list[np.ndarray],
-                 dtype: str, eot: int) -> tuple[dict, StepStats]:
+def write_output(
+    opts: BuildOptions, out: Path, tmp: Path, dec: Decisions, lengths: list[np.ndarray], dtype: str, eot: int
+) -> tuple[dict, StepStats]:
     writer = SplitWriter(out, dtype, opts.shard_tokens, eot)
     all_lengths = np.concatenate(lengths)
     cut = tail_cut(all_lengths, opts.val_fraction) if dec.tail else 0
@@ -321,7 +351,9 @@ def write_output(opts: BuildOptions, out: Path, tmp: Path, dec: Decisions, lengt
     for rank, lens in enumerate(lengths):
         path = tmp / f"tokens-{rank:05d}.bin"
         n = int(lens.sum())
-        tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if n else np.zeros(0, dtype)
+        tokens = (
+            np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if n else np.zeros(0, dtype)
+        )
         if dec.tail:
             writer.write_part_tail(tokens, lens, start, cut)
         else:
@@ -385,8 +417,15 @@ def _build(opts: BuildOptions, comm: Comm, out: Path, tmp: Path, config: dict, t
     show = rank0 and opts.progress
     sources = comm.bcast(agree(comm, lambda: expand_inputs(opts.inputs) if rank0 else None))
     mine = split_sources(sources, comm.size)[comm.rank] if sources else []
-    log.info("rank %d/%d: %d of %d input files, %.1f MB, %d workers", comm.rank, comm.size, len(mine),
-             len(sources), sum(s.size for s in mine) / 1e6, opts.workers)
+    log.info(
+        "rank %d/%d: %d of %d input files, %.1f MB, %d workers",
+        comm.rank,
+        comm.size,
+        len(mine),
+        len(sources),
+        sum(s.size for s in mine) / 1e6,
+        opts.workers,
+    )
     comm.barrier()  # rank 0 made the directory
 
     tokenizer = get_tokenizer(opts.tokenizer)
@@ -407,14 +446,30 @@ def _build(opts: BuildOptions, comm: Comm, out: Path, tmp: Path, config: dict, t
     )
     log.info("tokenized %d documents in %.1f s", len(lengths), time.perf_counter() - phase)
     gathered = comm.gather((lengths, [*rank_scan.stats.values(), tok_stats]))
-    result = agree(comm, lambda: _finish(opts, out, tmp, dec, gathered, dtype, tokenizer, config, len(sources), t0)
-                   if rank0 else None)
+    result = agree(
+        comm,
+        lambda: (
+            _finish(opts, out, tmp, dec, gathered, dtype, tokenizer, config, len(sources), t0)
+            if rank0
+            else None
+        ),
+    )
     comm.barrier()
     return result if rank0 else BuildResult(None, {}, time.perf_counter() - t0)
 
 
-def _finish(opts: BuildOptions, out: Path, tmp: Path, dec: Decisions, gathered: list, dtype: str, tokenizer,
-            config: dict, n_files: int, t0: float) -> BuildResult:
+def _finish(
+    opts: BuildOptions,
+    out: Path,
+    tmp: Path,
+    dec: Decisions,
+    gathered: list,
+    dtype: str,
+    tokenizer,
+    config: dict,
+    n_files: int,
+    t0: float,
+) -> BuildResult:
     import shutil
 
     lengths = [g[0] for g in gathered]

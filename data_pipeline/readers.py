@@ -178,7 +178,9 @@ def _read_hf(src: Source, text_field: str) -> Iterator[Doc]:
             "save_to_disk directory or a dataset already in the local Hugging Face cache"
         ) from None
     if text_field not in ds.column_names:
-        raise DataError(f"{src.path}: no column {text_field!r} (columns: {ds.column_names}); set --text-field")
+        raise DataError(
+            f"{src.path}: no column {text_field!r} (columns: {ds.column_names}); set --text-field"
+        )
     columns = [text_field] + (["id"] if "id" in ds.column_names else [])
     index = 0
     for batch in ds.select_columns(columns).iter(batch_size=1024):
@@ -241,7 +243,9 @@ class Decoder(Step):
         if doc.kind == STR_TEXT:
             doc.id = doc.id or doc.default_id
             if not isinstance(raw, str):
-                return self._parse_error(doc, f"field {self.text_field!r} is {type(raw).__name__}, not a string")
+                return self._parse_error(
+                    doc, f"field {self.text_field!r} is {type(raw).__name__}, not a string"
+                )
             doc.text = raw
             return None
         doc.id = doc.default_id
@@ -260,7 +264,9 @@ class Decoder(Step):
         if not isinstance(text, str):
             what = "missing" if text is None else f"a {type(text).__name__}, not a string"
             return self._parse_error(doc, f"field {self.text_field!r} is {what} (set --text-field)")
-        if b"\\ud" in raw or b"\\uD" in raw:  # JSON escapes can encode lone surrogates: not valid Unicode text
+        if (
+            b"\\ud" in raw or b"\\uD" in raw
+        ):  # JSON escapes can encode lone surrogates: not valid Unicode text
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:

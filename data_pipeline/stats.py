@@ -16,8 +16,16 @@ class Progress:
         if show:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-                             file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                file=sys.stderr,
+                mininterval=1.0,
+                dynamic_ncols=True,
+            )
 
     def update(self, nbytes: int, ndocs: int) -> None:
         self.docs += ndocs
@@ -51,6 +59,8 @@ def summary_table(stats: dict[str, StepStats], input_bytes: int, seconds: float)
         for reason, count in sorted(st.removed.items(), key=lambda kv: -kv[1]):
             rows.append(f"  {reason:<48} {count:>13,}")
     rows.append("-" * len(head))
-    rows.append(f"{'end to end (wall clock)':<34} {'':>10} {'':>10} {'':>9} {input_bytes / 1e6:>9.1f} "
-                f"{seconds:>9.2f} {input_bytes / 1e6 / max(seconds, 1e-9):>9.1f}")
+    rows.append(
+        f"{'end to end (wall clock)':<34} {'':>10} {'':>10} {'':>9} {input_bytes / 1e6:>9.1f} "
+        f"{seconds:>9.2f} {input_bytes / 1e6 / max(seconds, 1e-9):>9.1f}"
+    )
     return "\n".join(rows)

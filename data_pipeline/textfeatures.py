@@ -27,8 +27,13 @@ def _whitespace(a: np.ndarray) -> np.ndarray:
 
 def _separators(a: np.ndarray) -> np.ndarray:
     """ASCII whitespace and ASCII punctuation (string.punctuation)."""
-    return (((a >= 9) & (a <= 13)) | ((a >= 32) & (a <= 47)) | ((a >= 58) & (a <= 64))
-            | ((a >= 91) & (a <= 96)) | ((a >= 123) & (a <= 126)))
+    return (
+        ((a >= 9) & (a <= 13))
+        | ((a >= 32) & (a <= 47))
+        | ((a >= 58) & (a <= 64))
+        | ((a >= 91) & (a <= 96))
+        | ((a >= 123) & (a <= 126))
+    )
 
 
 def _non_letters(a: np.ndarray) -> np.ndarray:

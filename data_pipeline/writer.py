@@ -76,8 +76,9 @@ class ShardSeries:
         name = shard_name(self.split, len(self.info.shards))
         lengths = np.concatenate(self._lengths)
         write_index(self.root / f"{name}.idx", lengths, self.dtype)
-        shard = ShardInfo(f"{name}.bin", f"{name}.idx", self._tokens, len(lengths),
-                          file_sha256(self.root / f"{name}.bin"))
+        shard = ShardInfo(
+            f"{name}.bin", f"{name}.idx", self._tokens, len(lengths), file_sha256(self.root / f"{name}.bin")
+        )
         self.info.shards.append(shard)
         self.info.tokens += shard.tokens
         self.info.documents += shard.documents

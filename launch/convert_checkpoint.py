@@ -42,17 +42,23 @@ def describe_source(spec: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint")
     parser.add_argument("--output", required=True, metavar="OUT", help="directory to write")
-    parser.add_argument("--to", choices=("gptforge", "hf"), default="gptforge", help="output format (default: gptforge)")
+    parser.add_argument(
+        "--to", choices=("gptforge", "hf"), default="gptforge", help="output format (default: gptforge)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="write into an existing non-empty OUT")
     args = parser.parse_args(argv)
     setup_logging()
 
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise GptforgeError(f"--output {out} exists and is not empty: choose another directory or pass --overwrite")
+        raise GptforgeError(
+            f"--output {out} exists and is not empty: choose another directory or pass --overwrite"
+        )
     from gptforge.hf import save_hf
     from gptforge.weights import load_model, save_model_dir
 

@@ -21,13 +21,23 @@ from gptforge.model.size import count_parameters
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (model shape, micro/global batch, precision)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML config (model shape, micro/global batch, precision)"
+    )
     parser.add_argument("--gpus", type=int, required=True, help="total GPUs of the run")
-    parser.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB, 40GB, 24GiB (default 80GB)")
+    parser.add_argument(
+        "--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB, 40GB, 24GiB (default 80GB)"
+    )
     parser.add_argument("--gpus-per-node", type=int, default=None, help="default: min(gpus, 8)")
-    parser.add_argument("--peak-tflops", type=float, default=312.0, help="per GPU, dense 16-bit (A100 312, H100 989)")
-    parser.add_argument("--json", action="store_true", help="one JSON object: every layout and the suggestion")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=312.0, help="per GPU, dense 16-bit (A100 312, H100 989)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object: every layout and the suggestion"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     return parser.parse_args(argv)
 
@@ -53,18 +63,34 @@ def main(argv: list[str]) -> int:
         choice = best(plans)
         rows = [
             {
-                "layout": p.layout.name, "tp": p.layout.tp, "pp": p.layout.pp, "dp": p.layout.dp,
-                "zero_stage": p.layout.zero, "offload_optimizer": p.layout.offload_optimizer,
-                "offload_params": p.layout.offload_params, "micro_batches": p.micro_batches,
-                "weights_gb": p.memory.weights / GB, "grads_gb": p.memory.grads / GB,
-                "optimizer_gb": p.memory.optimizer / GB, "activations_gb": p.memory.activations / GB,
-                "activations_ckpt_gb": p.memory.activations_ckpt / GB, "fits": p.fits, "fits_ckpt": p.fits_ckpt,
+                "layout": p.layout.name,
+                "tp": p.layout.tp,
+                "pp": p.layout.pp,
+                "dp": p.layout.dp,
+                "zero_stage": p.layout.zero,
+                "offload_optimizer": p.layout.offload_optimizer,
+                "offload_params": p.layout.offload_params,
+                "micro_batches": p.micro_batches,
+                "weights_gb": p.memory.weights / GB,
+                "grads_gb": p.memory.grads / GB,
+                "optimizer_gb": p.memory.optimizer / GB,
+                "activations_gb": p.memory.activations / GB,
+                "activations_ckpt_gb": p.memory.activations_ckpt / GB,
+                "fits": p.fits,
+                "fits_ckpt": p.fits_ckpt,
                 "tokens_per_s": p.tokens_per_s if p.fits or p.fits_ckpt else None,
             }
             for p in plans
         ]
-        print(json.dumps({"layouts": rows, "suggested": choice.layout.name if choice else None,
-                          "activation_checkpointing": choice.checkpointing if choice else None}))
+        print(
+            json.dumps(
+                {
+                    "layouts": rows,
+                    "suggested": choice.layout.name if choice else None,
+                    "activation_checkpointing": choice.checkpointing if choice else None,
+                }
+            )
+        )
     else:
         print(format_plans(plans, hw, count_parameters(cfg.model)))
     return 0

@@ -68,15 +68,23 @@ def write_jsonl(path: Path, records: list[dict], compress: bool = False) -> Path
     return path
 
 
-def run_build(*args: str, env: dict | None = None, check: bool = True, launcher: list[str] | None = None,
-              timeout: int = 300) -> subprocess.CompletedProcess:
+def run_build(
+    *args: str,
+    env: dict | None = None,
+    check: bool = True,
+    launcher: list[str] | None = None,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
     from conftest import subprocess_env
 
     cmd = [*(launcher or []), sys.executable, str(BUILD), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"build failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"build failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -97,8 +105,16 @@ def output_bytes(out: Path) -> dict[str, bytes]:
 # An independent reader of Megatron-LM's MMIDIDX index, written from its documented layout
 # (megatron/core/datasets/indexed_dataset.py, _IndexWriter/_IndexReader), not from gptforge.data.format.
 
-MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-                   8: np.uint16}
+MEGATRON_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 
 
 def megatron_documents(prefix: Path) -> list[np.ndarray]:
@@ -121,4 +137,7 @@ def megatron_documents(prefix: Path) -> list[np.ndarray]:
     assert doc_idx[0] == 0 and doc_idx[-1] == seq_count
     data = np.fromfile(f"{prefix}.bin", dtype=np.dtype(dtype).newbyteorder("<"))
     itemsize = np.dtype(dtype).itemsize
-    return [data[p // itemsize : p // itemsize + n] for p, n in zip(pointers.tolist(), lengths.tolist(), strict=True)]
+    return [
+        data[p // itemsize : p // itemsize + n]
+        for p, n in zip(pointers.tolist(), lengths.tolist(), strict=True)
+    ]

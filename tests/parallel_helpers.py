@@ -99,10 +99,21 @@ def _launch(cmd: list[str], timeout: int = 600) -> str:
 
 def _worker(root: Path, config: Path, nproc: int, runs: list[tuple[list[str], str]]) -> str:
     spec = root / f"spec{nproc}.json"
-    spec.write_text(json.dumps({"config": str(config), "runs": [{"overrides": o, "resume": r} for o, r in runs]}))
+    spec.write_text(
+        json.dumps({"config": str(config), "runs": [{"overrides": o, "resume": r} for o, r in runs]})
+    )
     worker = str(ROOT / "tests" / "workers" / "parallel_runs.py")
-    return _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    worker, str(spec)])
+    return _launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            worker,
+            str(spec),
+        ]
+    )
 
 
 def _truncated_copy(src: Path, dst: Path, step: int) -> Path:
@@ -128,11 +139,20 @@ def build_runs(root: Path) -> Runs:
                 todo.append(([*overrides, f"run.dir={root / name}"], "none"))
         for name, (n, overrides) in LAYOUTS.items():  # the same layout, resumed from step 3
             if n == nproc:
-                todo.append(([*overrides, f"run.dir={root / name}.resumed"], str(root / name / "checkpoints" / f"step_{SAVED}")))
+                todo.append(
+                    (
+                        [*overrides, f"run.dir={root / name}.resumed"],
+                        str(root / name / "checkpoints" / f"step_{SAVED}"),
+                    )
+                )
         for source, target, n, overrides in CHANGES:
             if n == nproc and LAYOUTS[source][0] == nproc:  # both ends fit this launch
-                todo.append(([*overrides, f"run.dir={root / f'{source}-to-{target}'}"],
-                             str(root / source / "checkpoints" / f"step_{SAVED}")))
+                todo.append(
+                    (
+                        [*overrides, f"run.dir={root / f'{source}-to-{target}'}"],
+                        str(root / source / "checkpoints" / f"step_{SAVED}"),
+                    )
+                )
         return todo
 
     logs[2] = _worker(root, config, 2, runs_for(2))

@@ -107,7 +107,8 @@ def planted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("planted")
     rng = random.Random(11)
     docs = chunk_documents(shared_text("tinyshakespeare.txt"), words=500) + chunk_documents(
-        shared_text("grimm_tales.txt"), words=500)
+        shared_text("grimm_tales.txt"), words=500
+    )
     files: list[list[dict]] = [[], [], []]
     for i, text in enumerate(docs):
         files[0].append({"id": f"orig{i}", "text": text})
@@ -125,7 +126,9 @@ def planted(tmp_path_factory):
             files[2].append({"id": f"near{k}", "text": copy})
     # an exact copy of a near copy points at the kept original
     first_near = next(iter(near))
-    files[2].append({"id": "exact_of_near", "text": next(r["text"] for r in files[2] if r["id"] == first_near)})
+    files[2].append(
+        {"id": "exact_of_near", "text": next(r["text"] for r in files[2] if r["id"] == first_near)}
+    )
     for n, recs in enumerate(files):
         write_jsonl(tmp / f"f{n}.jsonl", recs)
     out = tmp / "out"
@@ -173,4 +176,7 @@ def test_batch_signatures_equal_one_document_at_a_time():
         stats = textfeatures.batch_word_stats([t.encode() for t in batch])
         assert stats == [textfeatures.word_stats(t.encode()) for t in batch]
         hashes = textfeatures.batch_word_hashes([t.encode() for t in batch])
-        assert all(np.array_equal(h[0], textfeatures.word_hashes(t.encode())[0]) for h, t in zip(hashes, batch, strict=True))
+        assert all(
+            np.array_equal(h[0], textfeatures.word_hashes(t.encode())[0])
+            for h, t in zip(hashes, batch, strict=True)
+        )

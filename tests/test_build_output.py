@@ -26,9 +26,26 @@ from data_pipeline.writer import ShardSeries, in_val, tail_cut
 from gptforge.data.format import open_shard, read_index, read_manifest, verify_shard
 from gptforge.tokenizer import get_tokenizer
 
-OPTIONS = ["--input", "--output", "--tokenizer", "--text-field", "--dedup", "--minhash-threshold", "--num-perm",
-           "--ngram", "--filters", "--strip-gutenberg", "--utf8-errors", "--val-fraction", "--shard-tokens",
-           "--workers", "--seed", "--on-error", "--overwrite", "--no-progress"]
+OPTIONS = [
+    "--input",
+    "--output",
+    "--tokenizer",
+    "--text-field",
+    "--dedup",
+    "--minhash-threshold",
+    "--num-perm",
+    "--ngram",
+    "--filters",
+    "--strip-gutenberg",
+    "--utf8-errors",
+    "--val-fraction",
+    "--shard-tokens",
+    "--workers",
+    "--seed",
+    "--on-error",
+    "--overwrite",
+    "--no-progress",
+]
 
 
 def opts(inputs: list, out: Path, **kw) -> BuildOptions:
@@ -63,8 +80,17 @@ def test_help_documents_every_option_with_default():
     text = run_build("--help").stdout
     for option in OPTIONS:
         assert option in text, option
-    for default in ("default: gpt2", "default: exact,minhash", "default: 0.8", "default: 128", "default: 5",
-                    "default: 0.01", "default: 1234", "default: fail", "default: 100000000"):
+    for default in (
+        "default: gpt2",
+        "default: exact,minhash",
+        "default: 0.8",
+        "default: 128",
+        "default: 5",
+        "default: 0.01",
+        "default: 1234",
+        "default: fail",
+        "default: 100000000",
+    ):
         assert default in text, default
 
 
@@ -83,8 +109,10 @@ def test_manifest_fields_exactly_as_contract(demo):
         assert split["tokens"] == sum(s["tokens"] for s in split["shards"])
     st = m["stats"]
     assert st["input_documents"] == 2 and st["kept_documents"] == 2 and st["removed"] == {}
-    assert st["input_bytes"] == (CORPORA / "tinyshakespeare.txt").stat().st_size + (
-        CORPORA / "grimm_tales.txt").stat().st_size
+    assert (
+        st["input_bytes"]
+        == (CORPORA / "tinyshakespeare.txt").stat().st_size + (CORPORA / "grimm_tales.txt").stat().st_size
+    )
     assert st["seconds"] > 0
     cfg = m["config"]
     assert cfg["dedup"] == ["exact", "minhash"] and cfg["minhash"]["threshold"] == 0.8

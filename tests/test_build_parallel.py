@@ -41,10 +41,23 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     write_jsonl(src / "c.jsonl", recs[2])
     (src / "d.txt.gz").write_bytes(gzip.compress(shared_text("tinyshakespeare.txt")[:200000].encode()))
     ranks = split_sources(expand_inputs([str(src)]), 2)
-    assert [s.path for s in ranks[0]] == [str(src / "a.jsonl"), str(src / "b.jsonl.gz")]  # a and c: other ranks
+    assert [s.path for s in ranks[0]] == [
+        str(src / "a.jsonl"),
+        str(src / "b.jsonl.gz"),
+    ]  # a and c: other ranks
     ref = tmp / "ref"
-    run_build("--input", str(src), "--output", str(ref), "--workers", "1", "--val-fraction", "0.1",
-              "--shard-tokens", "20000")
+    run_build(
+        "--input",
+        str(src),
+        "--output",
+        str(ref),
+        "--workers",
+        "1",
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "20000",
+    )
     return src, ref
 
 
@@ -57,7 +70,9 @@ def test_reference_finds_cross_file_duplicates(corpus):
     removed = {r["id"]: r for r in _removed(ref)}
     n_c = len(chunk_documents(shared_text("grimm_tales.txt"), words=300)[2::3])
     found = 0
-    for k in range(16):  # copy k of c.jsonl (exact for k < 8, near after) duplicates a.jsonl:k if that is kept
+    for k in range(
+        16
+    ):  # copy k of c.jsonl (exact for k < 8, near after) duplicates a.jsonl:k if that is kept
         original, copy = f"{src / 'a.jsonl'}:{k}", f"{src / 'c.jsonl'}:{n_c + k}"
         if original in removed:
             continue
@@ -70,16 +85,37 @@ def test_reference_finds_cross_file_duplicates(corpus):
 
 def test_workers_2_same_bytes(corpus, tmp_path):
     src, ref = corpus
-    run_build("--input", str(src), "--output", str(tmp_path / "w2"), "--workers", "2", "--val-fraction", "0.1",
-              "--shard-tokens", "20000")
+    run_build(
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "w2"),
+        "--workers",
+        "2",
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "20000",
+    )
     assert output_bytes(tmp_path / "w2") == output_bytes(ref)
 
 
 def test_mpirun_2_ranks_same_bytes(corpus, tmp_path):
     src, ref = corpus
     assert MPIRUN, "mpirun not found (pip install mpich)"
-    proc = run_build("--input", str(src), "--output", str(tmp_path / "mpi"), "--workers", "1",
-                     "--val-fraction", "0.1", "--shard-tokens", "20000", launcher=[MPIRUN, "-n", "2"])
+    proc = run_build(
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "mpi"),
+        "--workers",
+        "1",
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "20000",
+        launcher=[MPIRUN, "-n", "2"],
+    )
     assert "[rank 1]" in proc.stderr and "rank 1/2" in proc.stderr
     assert output_bytes(tmp_path / "mpi") == output_bytes(ref)
 
@@ -99,14 +135,25 @@ def test_slurm_script_runs_the_build_under_srun(corpus, tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "slurm"
     env = subprocess_env(
-        PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", SLURM_NTASKS="2", SLURM_CPUS_PER_TASK="1",
-        SLURM_SUBMIT_DIR=str(ROOT), PYTHON=sys.executable, SRUN_LOG=str(tmp_path / "srun.log"),
-        INPUT=str(src), OUTPUT=str(out), BUILD_ARGS="--val-fraction 0.1 --shard-tokens 20000",
+        PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_NTASKS="2",
+        SLURM_CPUS_PER_TASK="1",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        PYTHON=sys.executable,
+        SRUN_LOG=str(tmp_path / "srun.log"),
+        INPUT=str(src),
+        OUTPUT=str(out),
+        BUILD_ARGS="--val-fraction 0.1 --shard-tokens 20000",
     )
     import subprocess
 
-    proc = subprocess.run(["bash", str(ROOT / "slurm" / "build_data.sh"), "--no-progress"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "build_data.sh"), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     log = (tmp_path / "srun.log").read_text()
     assert "--mpi=pmi2" in log and "--workers 1 --input" in log and log.rstrip().endswith("--no-progress")

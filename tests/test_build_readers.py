@@ -45,8 +45,9 @@ def test_every_format_in_sorted_path_order(tmp_path):
     (d / "b.txt.gz").write_bytes(gzip.compress(TEXTS[1].encode()))
     (d / "c.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(TEXTS[2].encode()))
     write_jsonl(d / "sub" / "d.jsonl.gz", [{"text": TEXTS[3]}], compress=True)
-    (d / "sub" / "e.json.zst").write_bytes(zstandard.ZstdCompressor().compress(
-        (json.dumps({"text": TEXTS[4]}) + "\n").encode()))
+    (d / "sub" / "e.json.zst").write_bytes(
+        zstandard.ZstdCompressor().compress((json.dumps({"text": TEXTS[4]}) + "\n").encode())
+    )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -57,7 +58,9 @@ def test_every_format_in_sorted_path_order(tmp_path):
 
 
 def test_ids_paths_as_given_and_id_fields(tmp_path):
-    src = write_jsonl(tmp_path / "x.jsonl", [{"text": TEXTS[0], "id": 7}, {"text": "   "}, {"text": TEXTS[1]}])
+    src = write_jsonl(
+        tmp_path / "x.jsonl", [{"text": TEXTS[0], "id": 7}, {"text": "   "}, {"text": TEXTS[1]}]
+    )
     (tmp_path / "y.txt").write_text("\n\n")
     _, removed = build_kept(tmp_path, [src, tmp_path / "y.txt"])
     assert removed == [
@@ -97,22 +100,36 @@ def test_missing_inputs_are_clear_errors(tmp_path):
 def test_invalid_utf8_is_decode_error_or_repaired(tmp_path):
     (tmp_path / "good.txt").write_text(TEXTS[0])
     (tmp_path / "bad.txt").write_bytes(TEXTS[1].encode() + b" \xff\xfe broken")
-    lines = [json.dumps({"text": TEXTS[2]}).encode(), b'{"text": "caf\xe9 au lait"}',
-             json.dumps({"text": "lone \ud800 surrogate"}).encode()]
+    lines = [
+        json.dumps({"text": TEXTS[2]}).encode(),
+        b'{"text": "caf\xe9 au lait"}',
+        json.dumps({"text": "lone \ud800 surrogate"}).encode(),
+    ]
     (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     texts, removed = build_kept(tmp_path, [tmp_path])
     assert texts == [TEXTS[2], TEXTS[0]]  # bad.txt < c.jsonl < good.txt
     assert [(r["id"].split("/")[-1], r["reason"]) for r in removed] == [
-        ("bad.txt:0", "decode_error"), ("c.jsonl:1", "decode_error"), ("c.jsonl:2", "decode_error")]
-    texts, removed = build_kept(tmp_path / "r", [tmp_path / "bad.txt", tmp_path / "c.jsonl"],
-                                utf8_errors="replace")
+        ("bad.txt:0", "decode_error"),
+        ("c.jsonl:1", "decode_error"),
+        ("c.jsonl:2", "decode_error"),
+    ]
+    texts, removed = build_kept(
+        tmp_path / "r", [tmp_path / "bad.txt", tmp_path / "c.jsonl"], utf8_errors="replace"
+    )
     assert removed == []
-    assert texts == [TEXTS[1] + " \ufffd\ufffd broken", TEXTS[2], "caf\ufffd au lait", "lone \ufffd surrogate"]
+    assert texts == [
+        TEXTS[1] + " \ufffd\ufffd broken",
+        TEXTS[2],
+        "caf\ufffd au lait",
+        "lone \ufffd surrogate",
+    ]
 
 
 def test_malformed_json_fails_with_file_line_or_is_skipped(tmp_path):
     src = tmp_path / "m.jsonl"
-    src.write_text(json.dumps({"text": TEXTS[0]}) + "\n\n" + '{"text": "unterminated\n' + json.dumps({"t": 1}) + "\n")
+    src.write_text(
+        json.dumps({"text": TEXTS[0]}) + "\n\n" + '{"text": "unterminated\n' + json.dumps({"t": 1}) + "\n"
+    )
     proc = run_build("--input", str(src), "--output", str(tmp_path / "out"), "--workers", "1", check=False)
     assert proc.returncode == 2
     err = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
@@ -121,4 +138,7 @@ def test_malformed_json_fails_with_file_line_or_is_skipped(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
     texts, removed = build_kept(tmp_path, [src], on_error="skip")
     assert texts == [TEXTS[0]]
-    assert [(r["id"], r["reason"]) for r in removed] == [(f"{src}:1", "parse_error"), (f"{src}:2", "parse_error")]
+    assert [(r["id"], r["reason"]) for r in removed] == [
+        (f"{src}:1", "parse_error"),
+        (f"{src}:2", "parse_error"),
+    ]

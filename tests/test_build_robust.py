@@ -43,7 +43,9 @@ def test_other_options_refused_without_overwrite(small, tmp_path):
     assert proc.returncode == 2
     assert "holds a build made with other options (dedup:" in proc.stderr and "--overwrite" in proc.stderr
     assert output_bytes(out) == before
-    run_build("--input", str(small), "--output", str(out), "--dedup", "exact", "--overwrite", "--workers", "1")
+    run_build(
+        "--input", str(small), "--output", str(out), "--dedup", "exact", "--overwrite", "--workers", "1"
+    )
     assert json.loads((out / "manifest.json").read_text())["config"]["dedup"] == ["exact"]
 
 
@@ -52,7 +54,9 @@ def test_foreign_directory_refused_and_kept_with_overwrite(small, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     proc = run_build("--input", str(small), "--output", str(out), check=False)
-    assert proc.returncode == 2 and "is not empty and is not a build output (it holds notes.txt)" in proc.stderr
+    assert (
+        proc.returncode == 2 and "is not empty and is not a build output (it holds notes.txt)" in proc.stderr
+    )
     run_build("--input", str(small), "--output", str(out), "--overwrite", "--workers", "1")
     assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
 
@@ -89,13 +93,29 @@ def test_kill_9_then_rerun_gives_identical_bytes(tmp_path, phase):
     """SIGKILL a real build while it scans / tokenizes; the re-run's output equals an uninterrupted build."""
     docs = chunk_documents(shared_text("tinyshakespeare.txt"), words=300)
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"Copy {c}.\n{t}"} for c in range(6) for t in docs])
-    args = ["--input", str(src), "--workers", "1", "--dedup", "none", "--filters", "none", "--shard-tokens",
-            "50000", "--no-progress"]
+    args = [
+        "--input",
+        str(src),
+        "--workers",
+        "1",
+        "--dedup",
+        "none",
+        "--filters",
+        "none",
+        "--shard-tokens",
+        "50000",
+        "--no-progress",
+    ]
     ref = tmp_path / "ref"
     run_build(*args, "--output", str(ref))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(BUILD), *args, "--output", str(out)], cwd=ROOT,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(BUILD), *args, "--output", str(out)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = out / ".build" / phase
     deadline = time.monotonic() + 120
     while not (marker.is_file() and marker.stat().st_size > 0) and proc.poll() is None:

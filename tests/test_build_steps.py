@@ -11,8 +11,10 @@ from data_pipeline.normalize import GutenbergStripper, Normalizer
 from data_pipeline.readers import Decoder
 from gptforge.errors import ConfigError
 
-PROSE = ("The king had three sons, and the youngest of them was called the simpleton. He went out into the "
-         "forest with the others, and they found a little grey man who asked them for bread and wine. ")
+PROSE = (
+    "The king had three sons, and the youngest of them was called the simpleton. He went out into the "
+    "forest with the others, and they found a little grey man who asked them for bread and wine. "
+)
 
 
 def doc(text: str) -> Doc:
@@ -58,21 +60,41 @@ def test_default_filters_keep_the_shared_literary_corpora(name):
         ("too short to be a document", "filter:gopher.min_words"),
         ("a b c d e f g h i j " * 10 + PROSE, "filter:gopher.min_mean_word_length"),
         ("#tag " * 30 + PROSE, "filter:gopher.max_symbol_word_ratio"),
-        ("\n".join(["and then the story went on and on..."] * 4 + [PROSE]), "filter:gopher.max_ellipsis_line_ratio"),
-        ("\n".join(f"- the golden items with number {i} of that castle." for i in range(60)),
-         "filter:gopher.max_bullet_line_ratio"),
+        (
+            "\n".join(["and then the story went on and on..."] * 4 + [PROSE]),
+            "filter:gopher.max_ellipsis_line_ratio",
+        ),
+        (
+            "\n".join(f"- the golden items with number {i} of that castle." for i in range(60)),
+            "filter:gopher.max_bullet_line_ratio",
+        ),
         ("1234 5678 9012 3456 " * 30 + PROSE, "filter:gopher.min_alpha_word_ratio"),
-        ("Lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor " * 5,
-         "filter:gopher.min_stop_words"),
+        (
+            "Lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor " * 5,
+            "filter:gopher.min_stop_words",
+        ),
         (PROSE.replace(".", ",") + "\n" + PROSE.replace(".", ";"), "filter:c4.min_terminal_punct_line_ratio"),
         (PROSE * 2 + "lorem ipsum dolor sit amet.", "filter:c4.lorem_ipsum"),
-        ("\n".join([PROSE * 2, "Please enable JavaScript to view this page.", "We use cookies."]),
-         "filter:c4.max_javascript_policy_line_ratio"),
+        (
+            "\n".join([PROSE * 2, "Please enable JavaScript to view this page.", "We use cookies."]),
+            "filter:c4.max_javascript_policy_line_ratio",
+        ),
         (PROSE * 2 + " function f() { return 1; }.", "filter:c4.curly_braces"),
-        ("\n".join([PROSE, "Subscribe to the newsletter today.", "Subscribe to the newsletter today.",
-                    "Subscribe to the newsletter today."]), "filter:fineweb.max_duplicate_line_ratio"),
-        ("\n".join([PROSE] + [f"Short line {w}." for w in "abcdefghijklmnopqrst"]),
-         "filter:fineweb.max_short_line_ratio"),
+        (
+            "\n".join(
+                [
+                    PROSE,
+                    "Subscribe to the newsletter today.",
+                    "Subscribe to the newsletter today.",
+                    "Subscribe to the newsletter today.",
+                ]
+            ),
+            "filter:fineweb.max_duplicate_line_ratio",
+        ),
+        (
+            "\n".join([PROSE] + [f"Short line {w}." for w in "abcdefghijklmnopqrst"]),
+            "filter:fineweb.max_short_line_ratio",
+        ),
         (PROSE + " buy cheap pills now" * 40 + ".", "filter:repetition.top_2gram_char_ratio"),
     ],
 )
@@ -102,8 +124,10 @@ def test_prose_passes_every_check():
 
 def test_yaml_overrides_and_switches(tmp_path):
     cfg = tmp_path / "f.yaml"
-    cfg.write_text("gopher:\n  min_words: 5\nc4: null\nfineweb:\n  max_short_line_ratio: null\n"
-                   "repetition:\n  enabled: false\n")
+    cfg.write_text(
+        "gopher:\n  min_words: 5\nc4: null\nfineweb:\n  max_short_line_ratio: null\n"
+        "repetition:\n  enabled: false\n"
+    )
     merged = load_filter_config(str(cfg))
     assert merged["gopher"]["min_words"] == 5 and merged["gopher"]["min_mean_word_length"] == 3.0
     assert merged["c4"]["enabled"] is False and merged["repetition"]["enabled"] is False

@@ -19,9 +19,15 @@ def test_shipped_configs_load_and_round_trip(name, tmp_path):
 
 
 def test_openai_shapes():
-    shapes = {n: load_config(CONFIGS / f"{n}.yaml").model for n in ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b"]}
+    shapes = {
+        n: load_config(CONFIGS / f"{n}.yaml").model
+        for n in ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b"]
+    }
     assert [(m.n_layer, m.n_head, m.d_model) for m in shapes.values()] == [
-        (12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600)
+        (12, 12, 768),
+        (24, 16, 1024),
+        (36, 20, 1280),
+        (48, 25, 1600),
     ]
     assert all(m.context_length == 1024 and m.vocab_size == 50257 for m in shapes.values())
 
@@ -72,7 +78,8 @@ def test_cli_prints_one_line_error(tmp_path):
 
     out = subprocess.run(
         [sys.executable, "-m", "gptforge.config", str(CONFIGS / "tiny.yaml"), "model.n_layers=2"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "did you mean 'model.n_layer'" in out.stderr

@@ -50,8 +50,14 @@ def test_to_hugging_face_gives_the_same_logits(runs, tmp_path):
     from transformers import GPT2LMHeadModel
 
     out = tmp_path / "hf"
-    result = convert("--checkpoint", str(runs.dir("tp2xpp2") / "checkpoints" / f"step_{STEPS}"), "--to", "hf",
-                     "--output", str(out))
+    result = convert(
+        "--checkpoint",
+        str(runs.dir("tp2xpp2") / "checkpoints" / f"step_{STEPS}"),
+        "--to",
+        "hf",
+        "--output",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     ours, _, _ = load_model(runs.dir("tp2xpp2"))
     theirs = GPT2LMHeadModel.from_pretrained(out).eval()
@@ -68,8 +74,19 @@ def test_generate_reads_a_tensor_and_pipeline_parallel_checkpoint(runs, tmp_path
     assert convert("--checkpoint", str(runs.dir("tp2xpp2")), "--output", str(out)).returncode == 0
 
     def greedy(source: str) -> list[int]:
-        cmd = [sys.executable, GENERATE, "--checkpoint", source, "--prompt", "ROMEO:", "--temperature", "0",
-               "--max-new-tokens", "12", "--json"]
+        cmd = [
+            sys.executable,
+            GENERATE,
+            "--checkpoint",
+            source,
+            "--prompt",
+            "ROMEO:",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ]
         result = run(cmd, timeout=120)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)["completion_tokens"]
@@ -90,6 +107,7 @@ def test_refusals(runs, tmp_path):
     shutil.rmtree(bare / "universal")
     result = convert("--checkpoint", str(bare), "--output", str(tmp_path / "o"))
     assert result.returncode == 2
-    assert "universal/ missing, and DeepSpeed's files of this layout (tp 2, pp 1, ZeRO-0) hold no whole model" in (
-        result.stderr
+    assert (
+        "universal/ missing, and DeepSpeed's files of this layout (tp 2, pp 1, ZeRO-0) hold no whole model"
+        in (result.stderr)
     )

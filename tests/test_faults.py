@@ -27,7 +27,11 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     from conftest import subprocess_env
 
     return subprocess.Popen(
-        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT,
+        cmd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=subprocess_env(),
+        cwd=ROOT,
         start_new_session=True,
     )
 
@@ -72,8 +76,13 @@ def _alive(p: psutil.Process) -> bool:
 def test_kill9_of_one_rank_fails_fast_then_resume_continues(data, tmp_path):
     run_dir = tmp_path / "run"
     cfg = write_config(
-        tmp_path / "c.yaml", data, run_dir,
-        "train.max_steps=14", "train.save_interval=4", "train.eval_interval=100", "run.dist_timeout_s=60",
+        tmp_path / "c.yaml",
+        data,
+        run_dir,
+        "train.max_steps=14",
+        "train.save_interval=4",
+        "train.eval_interval=100",
+        "run.dist_timeout_s=60",
     )
     log = tmp_path / "first.log"
     proc = _start(train_cmd(cfg, resume="none", nproc=2), log)
@@ -119,9 +128,16 @@ def test_kill9_during_checkpoint_write_is_ignored_on_resume(data, tmp_path):
     run_dir = tmp_path / "run"
     # A model whose checkpoint takes long enough to write that a poll catches it half-done.
     cfg = write_config(
-        tmp_path / "c.yaml", data, run_dir,
-        "model.n_layer=4", "model.d_model=256", "model.n_head=4",
-        "train.max_steps=40", "train.save_interval=1", "train.keep_last=2", "train.eval_interval=100",
+        tmp_path / "c.yaml",
+        data,
+        run_dir,
+        "model.n_layer=4",
+        "model.d_model=256",
+        "model.n_head=4",
+        "train.max_steps=40",
+        "train.save_interval=1",
+        "train.keep_last=2",
+        "train.eval_interval=100",
     )
     log = tmp_path / "first.log"
     proc = _start(train_cmd(cfg, resume="none"), log)

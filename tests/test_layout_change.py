@@ -45,7 +45,11 @@ def test_resumed_steps_equal_the_original_layout(runs, source, target, nproc, ov
     changed = train_lines(runs.dir(f"{source}-to-{target}"))
     assert [s for s in changed if s > SAVED] == [4, 5]
     for step in (4, 5):  # step 4: the weights; step 5: also the AdamW state the update at step 4 used
-        assert rel(changed[step]["loss"], original[step]["loss"]) <= TOL, (step, changed[step], original[step])
+        assert rel(changed[step]["loss"], original[step]["loss"]) <= TOL, (
+            step,
+            changed[step],
+            original[step],
+        )
         assert rel(changed[step]["grad_norm"], original[step]["grad_norm"]) <= TOL
         assert changed[step]["tokens"] == original[step]["tokens"] == step * 8 * 32  # same data position
     check_weights(weights(runs.dir(f"{source}-to-{target}")), weights(runs.dir(source)), TOL)
@@ -59,7 +63,10 @@ def test_the_change_is_detected_and_recorded(runs, source, target, nproc, overri
     assert meta["layout"]["world_size"] == nproc and meta["consumed_samples"] == STEPS * 8
     changes = ck.layout_changes(saved, meta["layout"])
     assert changes
-    assert f"(step {SAVED}, {SAVED * 8} samples consumed) under another layout ({'; '.join(changes)})" in runs.logs[nproc]
+    assert (
+        f"(step {SAVED}, {SAVED * 8} samples consumed) under another layout ({'; '.join(changes)})"
+        in runs.logs[nproc]
+    )
 
 
 def test_adam_state_is_carried_over(runs):
@@ -81,7 +88,9 @@ def test_data_position_is_kept_across_dp_sizes(runs):
     batch: step 4 of the 1-process run (micro 4 x 2 accumulation) is step 4 of dp4 (micro 2 x 1)."""
     data = WindowDataset(read_manifest(runs.data), "train", 32, seed=1337)  # train.seed
     one = np.concatenate([x.numpy() for x, _ in TrainBatches(data, 4, 2, 0, 1).step(SAVED * 8)])
-    four = np.concatenate([x.numpy() for r in range(4) for x, _ in TrainBatches(data, 2, 1, r, 4).step(SAVED * 8)])
+    four = np.concatenate(
+        [x.numpy() for r in range(4) for x, _ in TrainBatches(data, 2, 1, r, 4).step(SAVED * 8)]
+    )
     assert np.array_equal(one, four)
     before = np.concatenate([x.numpy() for x, _ in TrainBatches(data, 4, 2, 0, 1).step((SAVED - 1) * 8)])
     assert not any((row == before).all(1).any() for row in one)  # no window of step 3 is seen again
@@ -91,7 +100,11 @@ def test_checkpoint_without_universal_files_is_refused(tmp_path):
     """Layout changes need universal/ (checkpoints of this trainer have it); others say what to do."""
     layout = {"world_size": 2, "dp": 1, "tp": 2, "pp": 1, "zero_stage": 0, "precision_mode": "fp32"}
     model = ModelConfig(n_layer=2, n_head=2, d_model=32, context_length=32, vocab_size=400)
-    meta = {"model": dataclasses.asdict(model), "data": {"manifest_sha256": "x", "path": "d"}, "layout": layout}
+    meta = {
+        "model": dataclasses.asdict(model),
+        "data": {"manifest_sha256": "x", "path": "d"},
+        "layout": layout,
+    }
     now = {**layout, "world_size": 1, "tp": 1}
     with pytest.raises(CheckpointError, match="saved with tp=2, this run has tp=1"):
         ck.check_resume(meta, tmp_path, model, "x", now, False)

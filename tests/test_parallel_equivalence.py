@@ -94,8 +94,13 @@ def test_checkpoints_hold_deepspeed_shards_and_universal_files(runs):
 
     tp = files("tp2")
     assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "rng_rank1.pt"} <= tp
-    assert {"universal/model-00001-of-00001.safetensors", "universal/optimizer-00001-of-00001.safetensors"} <= tp
+    assert {
+        "universal/model-00001-of-00001.safetensors",
+        "universal/optimizer-00001-of-00001.safetensors",
+    } <= tp
     pp = files("tp2xpp2")
     assert {"layer_00-model_00-model_states.pt", "layer_05-model_01-model_states.pt"} <= pp  # layer, tp rank
-    assert {f"universal/{k}-0000{s}-of-00002.safetensors" for k in ("model", "optimizer") for s in (1, 2)} <= pp
+    assert {
+        f"universal/{k}-0000{s}-of-00002.safetensors" for k in ("model", "optimizer") for s in (1, 2)
+    } <= pp
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files("zero3")

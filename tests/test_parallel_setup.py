@@ -27,7 +27,15 @@ def _cfg(*overrides: str):
 @pytest.mark.parametrize(
     "overrides,world",
     [
-        (["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1", "parallel.activation_checkpointing=true"], 8),
+        (
+            [
+                "parallel.tp=2",
+                "parallel.pp=2",
+                "parallel.zero_stage=1",
+                "parallel.activation_checkpointing=true",
+            ],
+            8,
+        ),
         (["parallel.tp=2", "parallel.zero_stage=3", "parallel.offload_params=true"], 4),
         (["parallel.zero_stage=2", "parallel.offload_optimizer=cpu"], 2),
         (["parallel.pp=4", "parallel.pp_partition=0-2,3-5,6-8,9-11"], 4),
@@ -48,16 +56,27 @@ def test_invalid_layouts_are_refused_before_any_process_group():
 
 
 def test_deepspeed_config_for_zero_and_offload():
-    cfg = _cfg("parallel.zero_stage=3", "parallel.offload_optimizer=cpu", "parallel.offload_params=true",
-               "optim.grad_clip=0.7", "train.micro_batch_size=2", "train.global_batch_size=8")
+    cfg = _cfg(
+        "parallel.zero_stage=3",
+        "parallel.offload_optimizer=cpu",
+        "parallel.offload_params=true",
+        "optim.grad_clip=0.7",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+    )
     ds = deepspeed_config(cfg, plan_batch(cfg, 2), "fp32")
-    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                       "offload_param": {"device": "cpu"}}
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+    }
     assert ds["zero_force_ds_cpu_optimizer"] is False  # our AdamW on the offloaded states
     assert ds["gradient_clipping"] == 0.7  # ZeRO computes the norm and clips
     assert ds["gradient_accumulation_steps"] == 2  # = the pipeline's micro-batches per step
     zero0 = _cfg("optim.grad_clip=0.7")
-    assert deepspeed_config(zero0, plan_batch(zero0, 1), "fp32")["gradient_clipping"] == 0.0  # our AdamW clips
+    assert (
+        deepspeed_config(zero0, plan_batch(zero0, 1), "fp32")["gradient_clipping"] == 0.0
+    )  # our AdamW clips
 
 
 def test_vocab_parallel_embedding_is_not_decayed():
@@ -111,8 +130,10 @@ def test_universal_files_must_be_complete(tmp_path):
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=8, context_length=8, vocab_size=16)
     assert not universal.has_universal(tmp_path)
     (tmp_path / universal.UNIVERSAL).mkdir()
-    save_file({"transformer.wte.weight": torch.ones(16, 8)},
-              str(tmp_path / universal.UNIVERSAL / "model-00001-of-00002.safetensors"))
+    save_file(
+        {"transformer.wte.weight": torch.ones(16, 8)},
+        str(tmp_path / universal.UNIVERSAL / "model-00001-of-00002.safetensors"),
+    )
     assert universal.has_universal(tmp_path)
     with pytest.raises(CheckpointError, match="1 model file\\(s\\) for 2 pipeline stage\\(s\\): incomplete"):
         universal.read_weights(tmp_path, cfg)

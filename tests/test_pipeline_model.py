@@ -28,10 +28,23 @@ TOL = 1e-5
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a tests/workers script under torchrun; on timeout the whole process group goes (no orphans)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "tests/workers" / script), *args]
-    proc = subprocess.Popen(cmd, env=subprocess_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "tests/workers" / script),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env(PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -97,7 +110,9 @@ def test_every_serial_weight_has_a_pipeline_name():
     with pytest.raises(KeyError, match="not a GPT pipeline parameter"):
         pl.pipeline_to_serial_name("9.weight", cfg)
     partial_sd = {k: v for k, v in GPT(cfg).state_dict().items() if k != "transformer.ln_f.weight"}
-    with pytest.raises(CheckpointError, match=r"no transformer.ln_f.weight \(needed for pipeline weight 5.weight\)"):
+    with pytest.raises(
+        CheckpointError, match=r"no transformer.ln_f.weight \(needed for pipeline weight 5.weight\)"
+    ):
         pl.load_serial_state_dict(stage, partial_sd, cfg)
 
 
@@ -105,8 +120,9 @@ def test_partition_weights_are_what_deepspeed_balances():
     """uniform = DeepSpeed's `type:BlockPipe` (1 per block); parameters = its per-spec parameter counts."""
     cfg = tiny(n_layer=4)
     specs = pl.layer_specs(cfg)
-    assert pl._spec_weights(cfg, "uniform") == [int(bool(re.search("BlockPipe", s.typename.__name__, re.I)))
-                                                for s in specs]
+    assert pl._spec_weights(cfg, "uniform") == [
+        int(bool(re.search("BlockPipe", s.typename.__name__, re.I))) for s in specs
+    ]
     counted = [sum(p.numel() for p in s.build().parameters() if p.requires_grad) for s in specs]
     assert pl._spec_weights(cfg, "parameters") == counted
 
@@ -139,10 +155,26 @@ def run_pipeline(tmp_path: Path, nproc: int, tp: int, pp: int, partition: str) -
 @pytest.mark.parametrize(
     ("nproc", "tp", "pp", "partition", "stages"),
     [
-        (2, 1, 2, "uniform", ["stage 0: layers 0-1 (+ embedding, position embedding), ranks 0",
-                              "stage 1: layers 2-3 (+ ln_f, head), ranks 1"]),
-        (4, 2, 2, "0-0,1-3", ["stage 0: layers 0-0 (+ embedding, position embedding), ranks 0,1",
-                              "stage 1: layers 1-3 (+ ln_f, head), ranks 2,3"]),
+        (
+            2,
+            1,
+            2,
+            "uniform",
+            [
+                "stage 0: layers 0-1 (+ embedding, position embedding), ranks 0",
+                "stage 1: layers 2-3 (+ ln_f, head), ranks 1",
+            ],
+        ),
+        (
+            4,
+            2,
+            2,
+            "0-0,1-3",
+            [
+                "stage 0: layers 0-0 (+ embedding, position embedding), ranks 0,1",
+                "stage 1: layers 1-3 (+ ln_f, head), ranks 2,3",
+            ],
+        ),
     ],
     ids=["pp2", "tp2xpp2"],
 )

@@ -39,8 +39,9 @@ def test_zero2_and_zero3_agree_with_deepspeed_estimates(name, gpus):
         ours = states(cfg, pn.Layout(1, 1, gpus, 2, offload_optimizer=offload))
         assert abs(ours - ds) <= 0.05 * ds, (offload, ours, ds)
     for off_opt, off_par in [(False, False), (True, False), (True, True)]:
-        _, ds, _ = estimate_zero3_model_states_mem_needs(total, largest, per_node, nodes, cpu_offload=off_opt,
-                                                         cpu_offload_params=off_par)
+        _, ds, _ = estimate_zero3_model_states_mem_needs(
+            total, largest, per_node, nodes, cpu_offload=off_opt, cpu_offload_params=off_par
+        )
         ours = states(cfg, pn.Layout(1, 1, gpus, 3, off_opt, off_par))
         assert abs(ours - ds) <= 0.05 * ds, (off_opt, off_par, ours, ds)
 
@@ -48,27 +49,35 @@ def test_zero2_and_zero3_agree_with_deepspeed_estimates(name, gpus):
 def test_zero3_agrees_with_deepspeeds_printed_table(capsys):
     cfg = load_config(CONFIGS / "gpt2-1.5b.yaml").model
     estimate_zero3_model_states_mem_needs_all_cold(count_parameters(cfg), cfg.vocab_size * cfg.d_model, 8, 2)
-    rows = re.findall(r"\|\s*([\d.]+)GB \| offload_param=(\S+), offload_optimizer=(\S+), zero_init=1", capsys.readouterr().out)
+    rows = re.findall(
+        r"\|\s*([\d.]+)GB \| offload_param=(\S+), offload_optimizer=(\S+), zero_init=1",
+        capsys.readouterr().out,
+    )
     assert len(rows) == 3
     for gpu_gb, off_par, off_opt in rows:
-        layout = pn.Layout(1, 1, 16, 3, offload_optimizer="none" not in off_opt, offload_params="none" not in off_par)
+        layout = pn.Layout(
+            1, 1, 16, 3, offload_optimizer="none" not in off_opt, offload_params="none" not in off_par
+        )
         assert abs(states(cfg, layout) / pn.GB - float(gpu_gb)) <= 0.05 * float(gpu_gb) + 0.005
 
 
 def test_parameter_counts_match_the_real_modules():
     cfg = ModelConfig(n_layer=5, n_head=4, d_model=64, context_length=32, vocab_size=1000)
-    (params, largest), = pn.stage_parameters(cfg, 1, 1)
+    ((params, largest),) = pn.stage_parameters(cfg, 1, 1)
     assert (params, largest) == model_to_params(GPT(cfg)) and params == count_parameters(cfg)
     # two pipeline stages: what each stage's DeepSpeed layer specs hold (the tied head is a second copy)
     specs, parts = pl.layer_specs(cfg), pl.stage_parts(cfg, 2, "uniform")
-    built = [sum(p.numel() for s in specs[parts[i]:parts[i + 1]] for p in s.build().parameters()) for i in range(2)]
+    built = [
+        sum(p.numel() for s in specs[parts[i] : parts[i + 1]] for p in s.build().parameters())
+        for i in range(2)
+    ]
     assert [p for p, _ in pn.stage_parameters(cfg, 1, 2)] == built
 
 
 def test_tp_splits_the_big_matrices_and_pads_the_vocabulary():
     cfg = ModelConfig(n_layer=4, n_head=8, d_model=256, context_length=64, vocab_size=50257)
-    (p1, _), = pn.stage_parameters(cfg, 1, 1)
-    (p4, l4), = pn.stage_parameters(cfg, 4, 1)
+    ((p1, _),) = pn.stage_parameters(cfg, 1, 1)
+    ((p4, l4),) = pn.stage_parameters(cfg, 4, 1)
     d = cfg.d_model
     replicated = 4 * (2 * d + 4 * d) + 2 * d + 64 * d  # per block: 2 row biases + 2 LNs; ln_f; wpe
     assert p4 == (p1 - cfg.vocab_size * d - replicated) // 4 + replicated + 50688 * d // 4
@@ -117,8 +126,13 @@ def test_memory_pressure_pushes_to_sharding():
 
 
 def plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, str(ROOT / "launch/plan.py"), *args], env=subprocess_env(), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [PYTHON, str(ROOT / "launch/plan.py"), *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_plan_cli_prints_the_table_and_a_suggestion():
@@ -132,7 +146,9 @@ def test_plan_cli_prints_the_table_and_a_suggestion():
 
 
 def test_plan_cli_json_and_errors():
-    proc = plan_cli("--config", str(CONFIGS / "gpt2-124m.yaml"), "--gpus", "8", "--gpu-mem", "40GiB", "--json")
+    proc = plan_cli(
+        "--config", str(CONFIGS / "gpt2-124m.yaml"), "--gpus", "8", "--gpu-mem", "40GiB", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["suggested"] == data["layouts"][0]["layout"]

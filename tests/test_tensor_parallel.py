@@ -20,10 +20,23 @@ TOL = 1e-5
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a tests/workers script under torchrun; on timeout the whole process group goes (no orphans)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "tests/workers" / script), *args]
-    proc = subprocess.Popen(cmd, env=subprocess_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "tests/workers" / script),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env(PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -58,7 +71,9 @@ def test_shard_then_merge_is_identity(tp):
     shards = [tpl.shard_state_dict(full, r, tp) for r in range(tp)]
     if tp > 1:
         assert shards[0]["transformer.wte.weight"].shape == (512 // tp, 16)  # padded to 128*tp rows
-        assert shards[-1]["transformer.wte.weight"][300 - 512 + 512 // tp:].abs().sum() == 0  # padding is zero
+        assert (
+            shards[-1]["transformer.wte.weight"][300 - 512 + 512 // tp :].abs().sum() == 0
+        )  # padding is zero
         assert shards[0]["transformer.h.0.mlp.c_proj.weight"].shape == (16, 64 // tp)
         assert shards[0]["transformer.h.0.attn.c_proj.bias"] is full["transformer.h.0.attn.c_proj.bias"]
     for name, tensor in full.items():

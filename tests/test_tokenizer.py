@@ -28,7 +28,9 @@ HARD_CASES = [
 def r50k(tmp_path_factory, shared_dir):
     """tiktoken's own r50k_base, loaded offline from its cache name (sha1 of the download URL)."""
     cache = tmp_path_factory.mktemp("tiktoken_cache")
-    shutil.copy(shared_dir / "tokenizers" / "gpt2.tiktoken", cache / "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4")
+    shutil.copy(
+        shared_dir / "tokenizers" / "gpt2.tiktoken", cache / "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"
+    )
     import os
 
     old = os.environ.get("TIKTOKEN_CACHE_DIR")

@@ -14,8 +14,12 @@ from gptforge.parallel.topology import Topology, padded_vocab_size, parse_pp_par
 def test_rank_order_is_pipe_data_model_like_gpt_neox():
     topo = Topology(tp=2, pp=2, dp=2)
     ds = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=2)
-    assert all(topo.get_rank(pipe=p, data=d, model=m) == ds.get_rank(pipe=p, data=d, model=m)
-               for p in range(2) for d in range(2) for m in range(2))
+    assert all(
+        topo.get_rank(pipe=p, data=d, model=m) == ds.get_rank(pipe=p, data=d, model=m)
+        for p in range(2)
+        for d in range(2)
+        for m in range(2)
+    )
     assert [topo.coords(r) for r in range(8)] == [(r // 4, r // 2 % 2, r % 2) for r in range(8)]
     assert topo.all_groups("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert topo.all_groups("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
@@ -43,7 +47,8 @@ def test_mpu_methods_need_groups_first():
 
 
 @pytest.mark.parametrize(
-    ("vocab", "tp", "padded"), [(50257, 1, 50304), (50257, 2, 50432), (50257, 4, 50688), (50257, 8, 51200), (256, 2, 256)]
+    ("vocab", "tp", "padded"),
+    [(50257, 1, 50304), (50257, 2, 50432), (50257, 4, 50688), (50257, 8, 51200), (256, 2, 256)],
 )
 def test_vocab_padding_like_megatron(vocab, tp, padded):
     assert padded_vocab_size(vocab, tp) == padded
@@ -66,9 +71,19 @@ def test_valid_layout_returns_dp():
     ("world", "parallel", "cfg", "message"),
     [
         (6, dict(tp=4), {}, r"world size 6 is not divisible by parallel.tp x parallel.pp = 4 x 1"),
-        (8, dict(tp=8), dict(n_head=12), r"n_head=12 is not divisible by parallel.tp=8.*\[1, 2, 3, 4, 6, 12\]"),
+        (
+            8,
+            dict(tp=8),
+            dict(n_head=12),
+            r"n_head=12 is not divisible by parallel.tp=8.*\[1, 2, 3, 4, 6, 12\]",
+        ),
         (8, dict(pp=8), dict(n_layer=4, n_head=4, d_model=64), r"n_layer=4 is fewer than parallel.pp=8"),
-        (4, dict(pp=2, zero_stage=2), {}, r"zero_stage=2 with parallel.pp=2.*pipeline engine does not support"),
+        (
+            4,
+            dict(pp=2, zero_stage=2),
+            {},
+            r"zero_stage=2 with parallel.pp=2.*pipeline engine does not support",
+        ),
         (4, dict(pp=2, zero_stage=3), {}, r"zero_stage=3 with parallel.pp=2"),
         (4, dict(offload_optimizer="cpu"), {}, r"offload_optimizer=cpu needs parallel.zero_stage >= 1"),
     ],

@@ -191,7 +191,9 @@ def _check_section(section: str, values: Any, source: str, cls: type = Config) -
     for key, value in values.items():
         if key not in fields:
             dotted = [f"{section}.{k}" for k in fields]
-            raise ConfigError(f"{source}: unknown key '{section}.{key}'{_nearest(f'{section}.{key}', dotted)}")
+            raise ConfigError(
+                f"{source}: unknown key '{section}.{key}'{_nearest(f'{section}.{key}', dotted)}"
+            )
         tp, f = fields[key]
         checked[key] = _coerce(value, tp, f, f"{source}: key '{section}.{key}'")
     return checked

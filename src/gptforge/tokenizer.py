@@ -65,9 +65,15 @@ class GPT2Tokenizer(Tokenizer):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
-        path = Path(ranks_path) if ranks_path else Path(str(resources.files("gptforge") / "assets" / "gpt2.tiktoken"))
+        path = (
+            Path(ranks_path)
+            if ranks_path
+            else Path(str(resources.files("gptforge") / "assets" / "gpt2.tiktoken"))
+        )
         if not path.is_file():
-            raise GptforgeError(f"GPT-2 BPE ranks file missing: {path} (reinstall gptforge: pip install -e .)")
+            raise GptforgeError(
+                f"GPT-2 BPE ranks file missing: {path} (reinstall gptforge: pip install -e .)"
+            )
         digest = _sha256(path)
         if digest != GPT2_BPE_SHA256:
             raise GptforgeError(
@@ -136,7 +142,12 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids])
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "name": "sentencepiece", "model": str(self.path), "sha256": self.model_sha256}
+        return {
+            **super().describe(),
+            "name": "sentencepiece",
+            "model": str(self.path),
+            "sha256": self.model_sha256,
+        }
 
 
 def train_sentencepiece(

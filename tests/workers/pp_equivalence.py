@@ -61,9 +61,11 @@ def main() -> None:
         },
     )
     torch.manual_seed(99)  # the same data on every rank; dp rank d takes its own micro-batches
-    data = [(torch.randint(0, 300, (MICRO, 16)), torch.randint(0, 300, (MICRO, 16))) for _ in range(ACCUM * dp)]
+    data = [
+        (torch.randint(0, 300, (MICRO, 16)), torch.randint(0, 300, (MICRO, 16))) for _ in range(ACCUM * dp)
+    ]
     data[0][1][0, :4] = -100
-    mine = data[topo.coords(rank)[1] * ACCUM:(topo.coords(rank)[1] + 1) * ACCUM]
+    mine = data[topo.coords(rank)[1] * ACCUM : (topo.coords(rank)[1] + 1) * ACCUM]
 
     eval_loss = engine.eval_batch(iter(copy.deepcopy(mine)))
     train_loss = engine.train_batch(iter(copy.deepcopy(mine)))

@@ -42,8 +42,12 @@ def check_layers(topo: Topology, rank: int, out: dict) -> None:
     xg_ref, x.grad = x.grad.clone(), None
     (y * torch.arange(24.0)).sum().backward()
     grads = tpl.gather_tp_tensors({"mlp.c_fc.weight": col.weight.grad, "mlp.c_fc.bias": col.bias.grad}, topo)
-    out["column"] = max(rel(y, y_ref), rel(x.grad, xg_ref), rel(grads["mlp.c_fc.weight"], full.weight.grad),
-                        rel(grads["mlp.c_fc.bias"], full.bias.grad))
+    out["column"] = max(
+        rel(y, y_ref),
+        rel(x.grad, xg_ref),
+        rel(grads["mlp.c_fc.weight"], full.weight.grad),
+        rel(grads["mlp.c_fc.bias"], full.bias.grad),
+    )
     x.grad = None
 
     full = nn.Linear(16, 8)
@@ -54,8 +58,12 @@ def check_layers(topo: Topology, rank: int, out: dict) -> None:
     (y * torch.arange(8.0)).sum().backward()
     xg = tpl.gather_from_tp_region(x_local.grad, group)
     grads = tpl.gather_tp_tensors({"mlp.c_proj.weight": row.weight.grad}, topo)
-    out["row"] = max(rel(y, y_ref), rel(xg, x.grad), rel(grads["mlp.c_proj.weight"], full.weight.grad),
-                     rel(row.bias.grad, full.bias.grad))
+    out["row"] = max(
+        rel(y, y_ref),
+        rel(xg, x.grad),
+        rel(grads["mlp.c_proj.weight"], full.weight.grad),
+        rel(row.bias.grad, full.bias.grad),
+    )
 
     # vocab-parallel embedding with a padded vocabulary (V=300 -> 512 rows for tp=2: 256 per rank)
     emb_ref = nn.Embedding(V, 16)
@@ -120,8 +128,11 @@ def check_gpt(topo: Topology, out: dict, tie: bool) -> None:
         "local_heads": par.transformer.h[0].attn.n_head,
         "local_qkv_rows": par.transformer.h[0].attn.c_attn.weight.shape[0],
         "wte_rows": par.transformer.wte.weight.shape[0],
-        "pad_grad": float(par.transformer.wte.weight.grad[max(0, V - par.transformer.wte.vocab_start):].abs().max())
-        if par.transformer.wte.vocab_end > V else 0.0,
+        "pad_grad": float(
+            par.transformer.wte.weight.grad[max(0, V - par.transformer.wte.vocab_start) :].abs().max()
+        )
+        if par.transformer.wte.vocab_end > V
+        else 0.0,
         "head_is_wte": par.lm_head.weight is par.transformer.wte.weight,
         "tp_marked": sum(getattr(p, "tensor_model_parallel", False) for p in par.parameters()),
     }
@@ -132,6 +143,7 @@ def check_gpt(topo: Topology, out: dict, tie: bool) -> None:
 
 def check_dropout(topo: Topology, rank: int, world: int, out: dict) -> None:
     """tp ranks drop different attention elements but keep replicated activations equal; dp ranks agree."""
+
     def masks(tp_rank: int, pp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         tpl.model_parallel_seed(42, tp_rank, pp_rank)
         with tpl.get_rng_tracker().fork(tpl.TP_RNG):
@@ -179,7 +191,9 @@ def dropout_grads(topo: Topology, idx: torch.Tensor, checkpoint: bool) -> dict[s
     model = tpl.parallelize_tensor(GPT(tiny_cfg(dropout=0.3)), topo).train()
     if checkpoint:
         for block in model.transformer.h:
-            block.forward = lambda x, mask=None, cache=None, f=block.forward: deepspeed.checkpointing.checkpoint(f, x)
+            block.forward = lambda x, mask=None, cache=None, f=block.forward: (
+                deepspeed.checkpointing.checkpoint(f, x)
+            )
     tpl.model_parallel_seed(42, topo.get_tensor_model_parallel_rank())
     model(idx, idx)[1].backward()
     return {n: p.grad for n, p in model.named_parameters()}
@@ -200,7 +214,8 @@ def check_mpu(topo: Topology, rank: int, world: int) -> bool:
         and topo.get_model_parallel_rank() == rank
         and topo.get_model_parallel_world_size() == world
         and topo.get_pipe_parallel_world_size() == 1
-        and topo.is_first_stage() and topo.is_last_stage()
+        and topo.is_first_stage()
+        and topo.is_last_stage()
         and bwc_tensor_model_parallel_rank(topo) == rank
         and bwc_pipeline_parallel_world_size(topo) == 1
     )

@@ -35,7 +35,14 @@ INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 # Megatron-LM's DType codes (megatron/core/datasets/indexed_dataset.py).
 DTYPE_CODES: dict[str, int] = {
-    "uint8": 1, "int8": 2, "int16": 3, "int32": 4, "int64": 5, "float64": 6, "float32": 7, "uint16": 8,
+    "uint8": 1,
+    "int8": 2,
+    "int16": 3,
+    "int32": 4,
+    "int64": 5,
+    "float64": 6,
+    "float32": 7,
+    "uint16": 8,
 }
 CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
 
@@ -82,7 +89,9 @@ def read_index(path: str | Path) -> ShardIndex:
     try:
         buf = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"index file missing: {path} (rebuild the data with data_pipeline/build.py)") from None
+        raise DataError(
+            f"index file missing: {path} (rebuild the data with data_pipeline/build.py)"
+        ) from None
     head = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
     if len(buf) < head or buf[: len(INDEX_MAGIC)] != INDEX_MAGIC:
         raise DataError(f"{path}: not a Megatron MMIDIDX index (bad header); rebuild the data")
@@ -199,7 +208,9 @@ def read_manifest(root: str | Path) -> Manifest:
             sha256=hashlib.sha256(raw).hexdigest(),
         )
     except (KeyError, TypeError) as exc:
-        raise DataError(f"{path}: malformed manifest (missing or bad field {exc}); rebuild the data") from None
+        raise DataError(
+            f"{path}: malformed manifest (missing or bad field {exc}); rebuild the data"
+        ) from None
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -164,8 +164,17 @@ def model_state_bytes(params: int, largest: int, layout: Layout, precision: str)
     return int(weights), int(grads), int(optimizer)
 
 
-def activation_bytes(cfg: ModelConfig, tp: int, pp: int, stage: int, micro_batch: int, micro_batches: int,
-                     precision: str, checkpointing: bool, flash_attention: bool = True) -> int:
+def activation_bytes(
+    cfg: ModelConfig,
+    tp: int,
+    pp: int,
+    stage: int,
+    micro_batch: int,
+    micro_batches: int,
+    precision: str,
+    checkpointing: bool,
+    flash_attention: bool = True,
+) -> int:
     """Activation memory of one GPU of `stage` (see the module docstring for the formula)."""
     s, b, h, a, v = cfg.context_length, micro_batch, cfg.d_model, cfg.n_head, cfg.vocab_size
     scale = 2 if precision == "fp32" else 1  # the formula counts 2-byte activations
@@ -190,8 +199,12 @@ def layout_memory(cfg: Config, layout: Layout, micro_batches: int, flash_attenti
     best: Memory | None = None
     for stage, (params, largest) in enumerate(stage_parameters(m, layout.tp, layout.pp)):
         w, g, o = model_state_bytes(params, largest, layout, precision)
-        act = activation_bytes(m, layout.tp, layout.pp, stage, mbs, micro_batches, precision, False, flash_attention)
-        act_ck = activation_bytes(m, layout.tp, layout.pp, stage, mbs, micro_batches, precision, True, flash_attention)
+        act = activation_bytes(
+            m, layout.tp, layout.pp, stage, mbs, micro_batches, precision, False, flash_attention
+        )
+        act_ck = activation_bytes(
+            m, layout.tp, layout.pp, stage, mbs, micro_batches, precision, True, flash_attention
+        )
         mem = Memory(w, g, o, act, act_ck)
         if best is None or mem.total(False) > best.total(False):
             best = mem
@@ -248,8 +261,13 @@ def candidate_layouts(cfg: Config, hw: Hardware) -> list[Layout]:
                 continue
             for zero in range(4):
                 for off_opt, off_par in [(False, False), (True, False), (True, True)]:
-                    par = ParallelConfig(tp=tp, pp=pp, zero_stage=zero, offload_optimizer="cpu" if off_opt else "none",
-                                         offload_params=off_par)
+                    par = ParallelConfig(
+                        tp=tp,
+                        pp=pp,
+                        zero_stage=zero,
+                        offload_optimizer="cpu" if off_opt else "none",
+                        offload_params=off_par,
+                    )
                     try:
                         dp = validate_layout(hw.gpus, par, cfg.model)
                     except GptforgeError:
@@ -280,7 +298,13 @@ def plan(cfg: Config, hw: Hardware, flash_attention: bool = True) -> list[Plan]:
         tokens = cfg.train.micro_batch_size * micro * layout.dp * cfg.model.context_length
         plans.append(Plan(layout, mem, micro, fits, fits_ck, step, tokens / step))
     # equal speed (e.g. ZeRO-0 vs 1: the same bytes on the wire): the one leaving more memory free first
-    plans.sort(key=lambda p: (not (p.fits or p.fits_ckpt), -round(p.tokens_per_s, 6), p.memory.total(p.checkpointing)))
+    plans.sort(
+        key=lambda p: (
+            not (p.fits or p.fits_ckpt),
+            -round(p.tokens_per_s, 6),
+            p.memory.total(p.checkpointing),
+        )
+    )
     return plans
 
 
@@ -303,6 +327,7 @@ def parse_bytes(text: str) -> float:
 
 def format_plans(plans: list[Plan], hw: Hardware, total_params: int) -> str:
     """The table `launch/plan.py` prints, then the suggestion."""
+
     def gb(x: float) -> str:
         return f"{x / GB:7.2f}"
 

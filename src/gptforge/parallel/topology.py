@@ -119,7 +119,9 @@ def validate_layout(world_size: int, parallel: ParallelConfig, model: ModelConfi
     if parallel.offload_optimizer != "none" and zero == 0:
         raise ConfigError("parallel.offload_optimizer=cpu needs parallel.zero_stage >= 1 (ZeRO-Offload)")
     if parallel.offload_params and zero != 3:
-        raise ConfigError("parallel.offload_params needs parallel.zero_stage=3 (only ZeRO-3 partitions weights)")
+        raise ConfigError(
+            "parallel.offload_params needs parallel.zero_stage=3 (only ZeRO-3 partitions weights)"
+        )
     if model is not None:
         if model.n_head % tp:
             ok = [d for d in range(1, model.n_head + 1) if model.n_head % d == 0]

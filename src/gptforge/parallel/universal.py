@@ -159,7 +159,9 @@ def _writer(topology: Any) -> tuple[int, bool]:
     return pp_rank, dp_rank == 0 and tp_rank == 0
 
 
-def _stage_tensors(engine: Any, model_cfg: ModelConfig, topology: Any, with_moments: bool) -> dict[str, Tensor]:
+def _stage_tensors(
+    engine: Any, model_cfg: ModelConfig, topology: Any, with_moments: bool
+) -> dict[str, Tensor]:
     """This stage's serial tensors, whole over dp and tp, on CPU on the stage's writer (empty elsewhere).
     Collective over dp and tp, one parameter at a time, so no device holds more than one extra full
     tensor and only one rank per stage holds the stage in CPU memory."""
@@ -269,7 +271,9 @@ def load_universal(engine: Any, step_dir: Path, model_cfg: ModelConfig, topology
     tp, tp_rank = topology.tp, topology.coords(dist.get_rank() if dist.is_initialized() else 0)[2]
     for name, p in params:
         if name not in weights:
-            raise CheckpointError(f"{step_dir / UNIVERSAL}: no tensor {name} (a checkpoint of another model?)")
+            raise CheckpointError(
+                f"{step_dir / UNIVERSAL}: no tensor {name} (a checkpoint of another model?)"
+            )
         _set_value(p, shard_tensor(name, weights[name], tp_rank, tp))
     if step == 0:
         return 0

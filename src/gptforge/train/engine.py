@@ -325,7 +325,9 @@ def build_engine(cfg: Config, model: nn.Module, plan: BatchPlan, mode: str, dist
         guard=guarded,
         max_grad_norm=o.grad_clip,
         norm_group=topo.get_model_parallel_group() if split else None,
-        norm_counts=partial(counts_in_grad_norm, tp_rank=topo.get_tensor_model_parallel_rank()) if split else None,
+        norm_counts=partial(counts_in_grad_norm, tp_rank=topo.get_tensor_model_parallel_rank())
+        if split
+        else None,
         fused=dist_ctx.device.type in ("cpu", "cuda"),
     )
     if topo.pp > 1:  # its stages exchange activations by broadcasts that autograd passes through as is

@@ -236,7 +236,9 @@ class Trainer:
         """Resume a checkpoint of another layout from its `universal/` files; the RNG streams of the old
         ranks do not fit the new ones, so they are seeded afresh from (train.seed, step)."""
         assert self.resume_dir is not None
-        state = checkpoint.load_converted(self.engine, self.resume_dir, meta, self.model_cfg, self.dist.topology)
+        state = checkpoint.load_converted(
+            self.engine, self.resume_dir, meta, self.model_cfg, self.dist.topology
+        )
         seed = self.cfg.train.seed + state.step
         seed_everything(seed)
         seed_model_parallel(seed, self.dist.topology)
