@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from gptforge.cli import run_cli, setup_logging
+from gptforge.cli import output_dir, run_cli, setup_logging
 from gptforge.errors import GptforgeError
 
 log = logging.getLogger("convert")
@@ -54,11 +53,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise GptforgeError(
-            f"--output {out} exists and is not empty: choose another directory or pass --overwrite"
-        )
+    out = output_dir(args.output, args.overwrite)
     from gptforge.hf import save_hf
     from gptforge.weights import load_model, save_model_dir
 

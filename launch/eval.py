@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
-from gptforge.cli import run_cli, setup_logging
+from gptforge.cli import quiet_deepspeed, run_cli, setup_rank_logging
 from gptforge.errors import GptforgeError
 
 log = logging.getLogger("eval")
@@ -169,23 +167,14 @@ def report(result: dict[str, Any], task: str) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    rank = int(
-        os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    )
-    setup_logging(logging.INFO if rank == 0 and not args.json else logging.WARNING)
+    setup_rank_logging(quiet=args.json)
     task = choose_task(args)
     if args.eval_iters is not None and args.eval_iters < 0:
         raise GptforgeError(f"--eval-iters must be >= 0 (0 = every window), got {args.eval_iters}")
 
-    import torch
     import torch.distributed as dist
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    quiet_deepspeed()
     from gptforge.config import Config
     from gptforge.train.engine import init_distributed
 

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import os
-import warnings
 
-from gptforge.cli import run_cli, setup_logging
+from gptforge.cli import quiet_deepspeed, run_cli, setup_rank_logging
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,10 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    rank = int(
-        os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    )
-    setup_logging(logging.INFO if rank == 0 else logging.WARNING)
+    setup_rank_logging()
     from gptforge.config import load_config
     from gptforge.finetune.config import FinetuneRunConfig
 
@@ -56,14 +50,7 @@ def main(argv: list[str]) -> int:
     flags = {key: value for key in ("task", "train", "val") if (value := getattr(args, key))}
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **flags))
 
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    quiet_deepspeed()
     from gptforge.finetune.loop import finetune
 
     return finetune(cfg, resume=args.resume, allow_new_data=args.allow_new_data)

@@ -14,11 +14,8 @@ preempted (SIGTERM/SIGUSR1: the step was finished and a checkpoint saved; run th
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import warnings
 
-from gptforge.cli import run_cli, setup_logging
+from gptforge.cli import quiet_deepspeed, run_cli, setup_rank_logging
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,23 +35,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    rank = int(
-        os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
-    )
-    setup_logging(logging.INFO if rank == 0 else logging.WARNING)
+    setup_rank_logging()
     from gptforge.config import load_config
 
     cfg = load_config(args.config, args.overrides)
 
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, instead of DeepSpeed warning that it guessed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    # DeepSpeed's ZeRO calls a torch.distributed function torch has renamed: not the user's business.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    quiet_deepspeed()
     from gptforge.train.loop import train
 
     return train(cfg, resume=args.resume, allow_new_data=args.allow_new_data)

@@ -42,6 +42,10 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "zero2": (2, ["parallel.zero_stage=2"]),
     "zero3": (2, ["parallel.zero_stage=3"]),
     "zero3_offload": (2, ["parallel.zero_stage=3", "parallel.offload_optimizer=cpu"]),
+    "zero3_offload_all": (
+        2,
+        ["parallel.zero_stage=3", "parallel.offload_optimizer=cpu", "parallel.offload_params=true"],
+    ),
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2", "parallel.pp_partition=0-0,1-2"]),
     "tp2xpp2": (4, ["parallel.tp=2", "parallel.pp=2"]),

@@ -1,6 +1,7 @@
 """Every layout trains like one process (issue 6): the same losses, gradient norms, val losses and final
 weights (gathered from the layout's checkpoint) within 1e-5 relative, for dp2, ZeRO-1/2/3 (dp2), ZeRO-3
-with optimizer offload, tp2, pp2 and tp2 x pp2 (4 processes); and each layout resumes its own checkpoint
+with optimizer offload and with parameter offload too, tp2, pp2 and tp2 x pp2 (4 processes), and tp/pp with
+the ZeRO stages DeepSpeed allows them; and each layout resumes its own checkpoint
 exactly. Real processes (launch/train.py and torchrun), gloo on CPU, fp32, dropout 0, same seed and data;
 the runs are made once (tests/parallel_helpers.py)."""
 

@@ -6,18 +6,54 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from gptforge.errors import GptforgeError
 
 EXIT_USER_ERROR = 2
 
 
+RANK_VARIABLES = (
+    "RANK",
+    "PMI_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "SLURM_PROCID",
+)  # torchrun, MPICH, Open MPI, srun
+
+
+def launched_rank() -> int | None:
+    """This process's global rank as its launcher set it; None when started alone."""
+    for var in RANK_VARIABLES:
+        if var in os.environ:
+            return int(os.environ[var])
+    return None
+
+
 def rank_prefix() -> str:
     """`[rank R]` when launched by torchrun/SLURM/MPI, so every log line says who speaks."""
-    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return f"[rank {os.environ[var]}] "
-    return ""
+    rank = launched_rank()
+    return "" if rank is None else f"[rank {rank}] "
+
+
+def setup_rank_logging(quiet: bool = False) -> None:
+    """INFO on rank 0 (WARNING with `quiet`, e.g. when stdout is JSON), WARNING on the other ranks."""
+    setup_logging(logging.INFO if not quiet and (launched_rank() or 0) == 0 else logging.WARNING)
+
+
+def quiet_deepspeed() -> None:
+    """Call before DeepSpeed is first imported: name its CPU accelerator where there is no GPU (instead of
+    DeepSpeed warning that it guessed), keep its logger to warnings, and hide the FutureWarning its ZeRO
+    code raises in torch.distributed (a renamed torch function: not the user's business)."""
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -28,6 +64,17 @@ def setup_logging(level: int = logging.INFO) -> None:
         stream=sys.stderr,
         force=True,
     )
+
+
+def output_dir(path: str, overwrite: bool) -> Path:
+    """`--output` of a tool that writes a directory: an existing non-empty one is only written into
+    with `--overwrite`, so no earlier result is lost by accident."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise GptforgeError(
+            f"--output {out} exists and is not empty: choose another directory or pass --overwrite"
+        )
+    return out
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:

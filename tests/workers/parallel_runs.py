@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch.distributed as dist
 
-from gptforge.cli import setup_logging
+from gptforge.cli import quiet_deepspeed, setup_rank_logging
 from gptforge.config import load_config
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    setup_logging(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    setup_rank_logging()
+    quiet_deepspeed()
     from gptforge.train.loop import Trainer
 
     for run in spec["runs"]:

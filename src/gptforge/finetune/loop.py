@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from gptforge.config import config_to_dict, dump_config
+from gptforge.config import config_to_dict
 from gptforge.errors import CheckpointError
 from gptforge.finetune import classify, instruct
 from gptforge.finetune.config import FinetuneConfig, FinetuneRunConfig, validate_finetune
@@ -39,14 +39,9 @@ from gptforge.tokenizer import Tokenizer, tokenizer_from_manifest
 from gptforge.train import checkpoint
 from gptforge.train.engine import (
     build_engine,
-    check_layout,
-    init_distributed,
-    launched_world_size,
-    plan_batch,
-    precision_mode,
 )
-from gptforge.train.loop import Trainer, seed_everything
-from gptforge.train.metrics import MetricsWriter, eval_record, peak_flops
+from gptforge.train.loop import Trainer, seed_everything, train
+from gptforge.train.metrics import eval_record
 
 log = logging.getLogger("finetune")
 
@@ -168,14 +163,7 @@ class Finetuner(Trainer):
 
     def __init__(self, cfg: FinetuneRunConfig, resume: str = "auto", allow_new_data: bool = False) -> None:
         validate_finetune(cfg)
-        world = launched_world_size()
-        check_layout(cfg, world)  # before any process group: a bad layout fails on every rank at once
-        self.plan = plan_batch(cfg, world // (cfg.parallel.tp * cfg.parallel.pp))
-        self.dist = init_distributed(cfg)
-        self.mode = precision_mode(cfg.train.precision, self.dist.device)
-        self.run_dir = Path(cfg.run.dir)
-        self.resume_dir = checkpoint.find_resume(resume, self.run_dir)
-        resume_meta = checkpoint.read_meta(self.resume_dir) if self.resume_dir else None
+        resume_meta = self._start(cfg, resume, model_parallel=False)
         seed_everything(cfg.train.seed)
 
         from gptforge.weights import init_model
@@ -236,26 +224,9 @@ class Finetuner(Trainer):
         self.engine = build_engine(self.cfg, model, self.plan, self.mode, self.dist)
         self.state = checkpoint.TrainState()
         if resume_meta is not None:
-            assert self.resume_dir is not None
-            self.state = checkpoint.load(self.engine, self.resume_dir, resume_meta, self.dist)
-            log.info(
-                "resumed from %s (step %d, %d samples consumed)",
-                self.resume_dir,
-                self.state.step,
-                self.state.consumed_samples,
-            )
+            self.state = self._load(resume_meta)
         self._counted = self._token_count = 0
-        if self.dist.is_main:
-            checkpoint.remove_incomplete(self.run_dir / checkpoint.CHECKPOINTS)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(self.cfg, self.run_dir / "config.yaml")
-        self.metrics = MetricsWriter(
-            self.run_dir,
-            self.dist.is_main,
-            self.cfg.run.tensorboard,
-            self.state.step if resume_meta else None,
-        )
-        self.peak, peak_source = peak_flops(t.peak_flops, self.dist.device, t.precision)
+        peak_source = self._open_run(resume_meta)
         # attention over the examples' mean length; a classifier computes no LM head
         mean_len = max(1, round(float(self.task.train.lengths.mean())))
         no_lm_head = (
@@ -382,7 +353,7 @@ class Finetuner(Trainer):
                 record["val_ppl"],
                 extra,
             )
-        self.metrics.write(_json_safe(record), "val")
+        self.metrics.write(record, "val")
 
     def _sample(self) -> None:
         """No periodic samples: an instruct run writes responses to the val prompts at the end."""
@@ -406,17 +377,6 @@ class Finetuner(Trainer):
         return path
 
 
-def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN/Infinity: a non-finite value is written as null."""
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-
-
 def finetune(cfg: FinetuneRunConfig, resume: str = "auto", allow_new_data: bool = False) -> int:
     """Run fine-tuning to the end; returns 0, or EXIT_PREEMPTED after a signal-triggered save."""
-    import torch.distributed as dist
-
-    try:
-        return Finetuner(cfg, resume, allow_new_data).run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return train(cfg, resume, allow_new_data, trainer=Finetuner)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from collections.abc import Iterable
 from pathlib import Path
@@ -126,11 +125,6 @@ def _evaluate_pipeline(engine: Any, batches: list[tuple[Tensor, Tensor]], dist_c
     return loss_sum / n
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no NaN/Infinity: a non-finite value is written as null."""
-    return value if math.isfinite(value) else None
-
-
 def _float(value: Any) -> float:
     if value is None:
         return float("nan")
@@ -141,15 +135,8 @@ class Trainer:
     """A configured run: everything `train` sets up, and the loop over steps."""
 
     def __init__(self, cfg: Config, resume: str = "auto", allow_new_data: bool = False) -> None:
-        world = launched_world_size()
-        check_layout(cfg, world, model_parallel=True)  # before any process group: fails on every rank at once
-        self.plan = plan_batch(cfg, world // (cfg.parallel.tp * cfg.parallel.pp))
         self.manifest: Manifest = read_manifest(cfg.data.path)
-        self.dist = init_distributed(cfg)
-        self.mode = precision_mode(cfg.train.precision, self.dist.device)
-        self.run_dir = Path(cfg.run.dir)
-        self.resume_dir = checkpoint.find_resume(resume, self.run_dir)
-        resume_meta = checkpoint.read_meta(self.resume_dir) if self.resume_dir else None
+        resume_meta = self._start(cfg, resume, model_parallel=True)
 
         self._verify_data(cfg)
         seed_everything(cfg.train.seed)
@@ -192,14 +179,40 @@ class Trainer:
             assert self.resume_dir is not None
             self.state = self._load_converted(resume_meta)
         elif resume_meta is not None:
-            assert self.resume_dir is not None
-            self.state = checkpoint.load(self.engine, self.resume_dir, resume_meta, self.dist)
-            log.info(
-                "resumed from %s (step %d, %d samples consumed)",
-                self.resume_dir,
-                self.state.step,
-                self.state.consumed_samples,
-            )
+            self.state = self._load(resume_meta)
+        peak_source = self._open_run(resume_meta)
+        self.flops_per_token = flops_per_token(model_cfg)
+        self._log_setup(train_data, peak_source)
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _start(self, cfg: Config, resume: str, model_parallel: bool) -> dict[str, Any] | None:
+        """Layout and batch checks (before any process group: a bad layout fails on every rank at once),
+        the process groups, precision, and the checkpoint to resume; returns its metadata, if any."""
+        world = launched_world_size()
+        check_layout(cfg, world, model_parallel=model_parallel)
+        self.plan = plan_batch(cfg, world // (cfg.parallel.tp * cfg.parallel.pp))
+        self.dist = init_distributed(cfg)
+        self.mode = precision_mode(cfg.train.precision, self.dist.device)
+        self.run_dir = Path(cfg.run.dir)
+        self.resume_dir = checkpoint.find_resume(resume, self.run_dir)
+        return checkpoint.read_meta(self.resume_dir) if self.resume_dir else None
+
+    def _load(self, meta: dict[str, Any]) -> checkpoint.TrainState:
+        """Resume a checkpoint of this layout from DeepSpeed's own files (bitwise)."""
+        assert self.resume_dir is not None
+        state = checkpoint.load(self.engine, self.resume_dir, meta, self.dist)
+        log.info(
+            "resumed from %s (step %d, %d samples consumed)",
+            self.resume_dir,
+            state.step,
+            state.consumed_samples,
+        )
+        return state
+
+    def _open_run(self, resume_meta: dict[str, Any] | None) -> str:
+        """The run directory (half-written checkpoints removed, the resolved config written), the metrics
+        writer (continuing the log of a resumed run) and the MFU peak; returns where the peak comes from."""
         if self.dist.is_main:
             checkpoint.remove_incomplete(self.run_dir / checkpoint.CHECKPOINTS)
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,11 +223,9 @@ class Trainer:
             self.cfg.run.tensorboard,
             self.state.step if resume_meta else None,
         )
+        t = self.cfg.train
         self.peak, peak_source = peak_flops(t.peak_flops, self.dist.device, t.precision)
-        self.flops_per_token = flops_per_token(model_cfg)
-        self._log_setup(train_data, peak_source)
-
-    # ------------------------------------------------------------------------------------------ setup
+        return peak_source
 
     def _verify_data(self, cfg: Config) -> None:
         """sha256 of the shards not verified before, the ranks sharing the work; remembered on success."""
@@ -402,7 +413,7 @@ class Trainer:
         )
         if self.dist.is_main:
             log.info(format_train(record, self.cfg.train.max_steps, step_time))
-        self.metrics.write({k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}, "train")
+        self.metrics.write(record, "train")
 
     def _check_step(self, skipped_run: int, loss: Tensor) -> int:
         """Count consecutive skipped (non-finite) steps; past train.max_skipped_steps, stop with an error.
@@ -435,7 +446,7 @@ class Trainer:
         record = eval_record(self.state.step, val_loss)
         if self.dist.is_main:
             log.info("step %d | val loss %.4f | val ppl %.2f", record["step"], val_loss, record["val_ppl"])
-        self.metrics.write({k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}, "val")
+        self.metrics.write(record, "val")
 
     def _sample(self) -> None:
         """Text from `train.sample_prompt` (rank 0; its own seeded generator, so training RNG is untouched).
@@ -494,12 +505,15 @@ class Trainer:
         return path
 
 
-def train(cfg: Config, resume: str = "auto", allow_new_data: bool = False) -> int:
-    """Run training to `train.max_steps`; returns 0, or EXIT_PREEMPTED after a signal-triggered save."""
+def train(
+    cfg: Config, resume: str = "auto", allow_new_data: bool = False, trainer: type[Trainer] = Trainer
+) -> int:
+    """Run training (or `trainer`'s kind of run, e.g. fine-tuning) to the end; returns 0, or
+    EXIT_PREEMPTED after a signal-triggered save. The process group is destroyed however it ends."""
     import torch.distributed as dist
 
     try:
-        return Trainer(cfg, resume, allow_new_data).run()
+        return trainer(cfg, resume, allow_new_data).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,6 +8,7 @@ known figure for the GPU model, else measured once at start with a short matmul 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -114,13 +115,16 @@ class MetricsWriter:
             )
 
     def write(self, record: dict[str, Any], prefix: str) -> None:
+        """One metrics.jsonl line (JSON has no NaN/Infinity: a non-finite value is written as null) and
+        the same scalars in TensorBoard under `prefix/`."""
         if not self.enabled:
             return
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite) + "\n")
         if self.tb is not None:
             for key, value in record.items():
-                if key != "step":
+                if key != "step" and value is not None:
                     self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
             self.tb.flush()
 
