@@ -19,6 +19,8 @@ the Adam moments and step count, so training continues as if the layout had neve
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,33 +47,60 @@ def _file(kind: str, stage: int, stages: int) -> str:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _read(step_dir: Path, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+class TensorFiles(Mapping[str, Tensor]):
+    """The tensors of a set of safetensors files by name, each read from disk only when asked for: a rank
+    resuming under another layout reads just the tensors of its own stage, not the whole model."""
 
+    def __init__(self, paths: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
+        for path in paths:
+            with _readable(path), safe_open(str(path), "pt") as f:
+                self._where.update(dict.fromkeys(f.keys(), path))
+                self.metadata.update(f.metadata() or {})
+
+    def __getitem__(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        path = self._where[name]
+        with _readable(path), safe_open(str(path), "pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """A damaged file is a CheckpointError naming it, not a safetensors traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def _read(step_dir: Path, kind: str) -> TensorFiles:
     files = sorted((step_dir / UNIVERSAL).glob(f"{kind}-*-of-*.safetensors"))
-    if not files:
-        return {}, {}
-    stages = int(files[0].name.rsplit("-of-", 1)[1].split(".")[0])
-    if len(files) != stages:
-        raise CheckpointError(
-            f"{step_dir / UNIVERSAL}: {len(files)} {kind} file(s) for {stages} pipeline stage(s): incomplete checkpoint"
-        )
-    tensors: dict[str, Tensor] = {}
-    metadata: dict[str, str] = {}
-    for path in files:
-        try:
-            tensors.update(load_file(str(path)))
-            with safe_open(str(path), "pt") as f:
-                metadata.update(f.metadata() or {})
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read {path}: {exc}") from None
-    return tensors, metadata
+    if files:
+        stages = int(files[0].name.rsplit("-of-", 1)[1].split(".")[0])
+        if len(files) != stages:
+            raise CheckpointError(
+                f"{step_dir / UNIVERSAL}: {len(files)} {kind} file(s) for {stages} pipeline stage(s): "
+                "incomplete checkpoint"
+            )
+    return TensorFiles(files)
 
 
 def read_weights(step_dir: Path, model_cfg: ModelConfig) -> dict[str, Tensor]:
     """The full serial state dict (fp32, the tied head included as the serial `GPT.state_dict()` has it)."""
-    weights, _ = _read(step_dir, "model")
+    weights = dict(_read(step_dir, "model"))
     if not weights:
         raise CheckpointError(f"{step_dir}: no {UNIVERSAL}/model-*.safetensors")
     if model_cfg.tie_embeddings and "transformer.wte.weight" in weights:
@@ -79,10 +108,11 @@ def read_weights(step_dir: Path, model_cfg: ModelConfig) -> dict[str, Tensor]:
     return weights
 
 
-def read_optimizer(step_dir: Path) -> tuple[dict[str, Tensor], int]:
-    """AdamW's moments by `<moment>.<serial name>` and its step count (empty and 0 before any step)."""
-    moments, metadata = _read(step_dir, "optimizer")
-    return moments, int(metadata.get(STEP_KEY, 0))
+def read_optimizer(step_dir: Path) -> tuple[Mapping[str, Tensor], int]:
+    """AdamW's moments by `<moment>.<serial name>` (read when asked for) and its step count (empty and 0
+    before any step)."""
+    moments = _read(step_dir, "optimizer")
+    return moments, int(moments.metadata.get(STEP_KEY, 0))
 
 
 # ---------------------------------------------------------------------------------------------- this rank
@@ -265,7 +295,9 @@ def load_universal(engine: Any, step_dir: Path, model_cfg: ModelConfig, topology
     (collective under ZeRO-3). Returns the Adam step count."""
     from gptforge.model.tensor_parallel import shard_tensor
 
-    weights = read_weights(step_dir, model_cfg)
+    weights = _read(step_dir, "model")  # each rank reads only the tensors its stage holds
+    if not weights:
+        raise CheckpointError(f"{step_dir}: no {UNIVERSAL}/model-*.safetensors")
     moments, step = read_optimizer(step_dir)
     params = serial_parameters(engine.module, model_cfg, topology.pp > 1)
     tp, tp_rank = topology.tp, topology.coords(dist.get_rank() if dist.is_initialized() else 0)[2]
