@@ -101,7 +101,7 @@ def test_resume_checks(tmp_path):
     with pytest.raises(CheckpointError, match="other data"):
         ck.check_resume(meta, tmp_path, MODEL, "def" * 20, LAYOUT, False)
     ck.check_resume(meta, tmp_path, MODEL, "def" * 20, LAYOUT, True)
-    with pytest.raises(CheckpointError, match="resuming on 4 ranks is not supported yet"):
+    with pytest.raises(CheckpointError, match=r"has no universal/ files .*: resume on 2 data-parallel ranks"):
         ck.check_resume(meta, tmp_path, MODEL, "abc" * 20, {**LAYOUT, "dp": 4, "world_size": 4}, False)
     with pytest.raises(CheckpointError, match="precision_mode=fp32, this run has precision_mode=autocast"):
         ck.check_resume(meta, tmp_path, MODEL, "abc" * 20, {**LAYOUT, "precision_mode": "autocast"}, False)

@@ -309,6 +309,28 @@ def test_resume_refuses_another_shape_or_dataset(finished_run, data, tmp_path):
     assert again.returncode == 2 and "already has checkpoints" in again.stderr
 
 
+def test_without_universal_files_only_the_same_layout_resumes(data, tmp_path):
+    """train.save_universal=false keeps DeepSpeed's sharded files only: they resume in the layout that
+    wrote them, and a layout change is refused with a message that says why, instead of failing later."""
+    extra = ("train.max_steps=4", "train.save_interval=2")
+    cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "run", *extra, "train.save_universal=false")
+    _ok(run(train_cmd(cfg, resume="none")))
+    step = tmp_path / "run" / "checkpoints" / "step_2"
+    assert (step / "checkpoint.json").is_file() and not (step / "universal").exists()
+
+    cfg = write_config(tmp_path / "z.yaml", data, tmp_path / "zero1", *extra, "parallel.zero_stage=1")
+    result = run(train_cmd(cfg, resume=str(step)))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (
+        "saved with zero_stage=0, this run has zero_stage=1, and it has no universal/ files" in result.stderr
+    )
+
+    cfg = write_config(tmp_path / "s.yaml", data, tmp_path / "same", *extra)
+    result = _ok(run(train_cmd(cfg, resume=str(step))))
+    assert f"resumed from {step} (step 2," in result.stderr
+    assert losses(tmp_path / "same") == {s: v for s, v in losses(tmp_path / "run").items() if s > 2}
+
+
 def test_generate_and_export_read_training_checkpoints(finished_run, tmp_path):
     import sys
 

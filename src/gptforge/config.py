@@ -85,6 +85,7 @@ class TrainConfig:
     eval_iters: int = 20
     save_interval: int = 1000
     keep_last: int = 3
+    save_universal: bool = True  # also write universal/ (layout-free) so a resume may change the layout
     sample_interval: int = 0
     sample_prompt: str = "\n"
     sample_tokens: int = 64

@@ -250,16 +250,19 @@ def check_resume(
     for key in ("zero_stage", "tp", "pp", "precision_mode"):
         if saved[key] != layout[key]:
             raise CheckpointError(
-                f"{step_dir} was saved with {key}={saved[key]}, this run has {key}={layout[key]}: changing the "
-                "layout on resume is not supported yet; resume with the saved setting"
+                f"{step_dir} was saved with {key}={saved[key]}, this run has {key}={layout[key]}, and it has no "
+                f"universal/ files to re-shard from (saved with train.save_universal=false): resume with the "
+                "saved setting"
             )
     if saved["dp"] != layout["dp"] and layout["zero_stage"] > 0:
         raise CheckpointError(
             f"{step_dir} was saved by {saved['dp']} data-parallel ranks with ZeRO-{saved['zero_stage']} (optimizer "
-            f"states sharded {saved['dp']} ways); resuming on {layout['dp']} ranks is not supported yet"
+            f"states sharded {saved['dp']} ways) and has no universal/ files to re-shard from (saved with "
+            f"train.save_universal=false): resume on {saved['dp']} data-parallel ranks"
         )
     raise CheckpointError(
-        f"{step_dir} was saved in another layout ({'; '.join(changes)}): resume with the saved setting"
+        f"{step_dir} was saved in another layout ({'; '.join(changes)}) and has no universal/ files to "
+        "re-shard from (saved with train.save_universal=false): resume with the saved setting"
     )
 
 

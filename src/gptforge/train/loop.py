@@ -498,7 +498,11 @@ class Trainer:
             meta,
             self.dist,
             self.cfg.train.keep_last,
-            write_extra=lambda tmp: save_universal(self.engine, tmp, self.model_cfg, self.dist.topology),
+            write_extra=(
+                (lambda tmp: save_universal(self.engine, tmp, self.model_cfg, self.dist.topology))
+                if self.cfg.train.save_universal
+                else None
+            ),
         )
         if self.dist.is_main:
             log.info("saved %s", path)
