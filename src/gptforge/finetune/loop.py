@@ -270,13 +270,7 @@ class Finetuner(Trainer):
             100 * self.trainable / self.total,
             self.trainable_desc,
         )
-        log.info(
-            "layout: %s; ZeRO-%d; precision %s (%s)",
-            self.dist.topology.describe(),
-            self.cfg.parallel.zero_stage,
-            t.precision,
-            self.mode,
-        )
+        self._log_layout()
         log.info(
             "batch: %d examples per step (micro batch %d x %d accumulation x %d data-parallel)",
             p.global_batch,

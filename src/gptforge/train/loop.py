@@ -290,6 +290,18 @@ class Trainer:
             data, t.eval_iters * self.plan.micro_batch, self.plan.micro_batch, self.dist.dp_rank, self.plan.dp
         )
 
+    def _log_layout(self) -> None:
+        """The process layout, ZeRO stage and precision; with pp, which layers and ranks each stage has."""
+        log.info(
+            "layout: %s; ZeRO-%d; precision %s (%s)",
+            self.dist.topology.describe(),
+            self.cfg.parallel.zero_stage,
+            self.cfg.train.precision,
+            self.mode,
+        )
+        for line in stage_lines(self.model_cfg, self.cfg.parallel, self.dist.topology):
+            log.info(line)
+
     def _log_setup(self, train_data: WindowDataset, peak_source: str) -> None:
         if not self.dist.is_main:
             return
@@ -305,15 +317,7 @@ class Trainer:
             m.context_length,
             m.vocab_size,
         )
-        log.info(
-            "layout: %s; ZeRO-%d; precision %s (%s)",
-            self.dist.topology.describe(),
-            self.cfg.parallel.zero_stage,
-            t.precision,
-            self.mode,
-        )
-        for line in stage_lines(m, self.cfg.parallel, self.dist.topology):
-            log.info(line)
+        self._log_layout()
         log.info(
             "batch: %d sequences = %s tokens per step (micro batch %d x %d accumulation x %d data-parallel)",
             p.global_batch,
