@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +39,37 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def run_group(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """Run `cmd` (output captured) in its own process group, from the repository root; on timeout the
+    whole group is killed, so no orphaned ranks outlive a hung multi-process test."""
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env(**env),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a tests/workers script under torchrun with `nproc` processes."""
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "tests" / "workers" / script),
+        *args,
+    ]
+    return run_group(cmd, timeout, PYTHONPATH=str(ROOT))

@@ -10,10 +10,7 @@ another layout are ROOT/<source>-to-<target>.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,25 +76,13 @@ class Runs:
 
 
 def _launch(cmd: list[str], timeout: int = 600) -> str:
-    """Run a command in its own process group (killed whole on timeout); its output, or a failure."""
-    from conftest import subprocess_env
+    """Run a command (killed with its whole process group on timeout); its output, or a failure."""
+    from conftest import run_group
 
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env(PYTHONPATH=str(ROOT / "tests")),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-6000:]}")
+    result = run_group(cmd, timeout, PYTHONPATH=str(ROOT / "tests"))
+    out = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}:\n{out[-6000:]}")
     return out
 
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import torchrun
 from deepspeed.runtime.pipe.module import TiedLayerSpec
 from torch import nn
 
@@ -24,33 +20,6 @@ from gptforge.model import pipeline as pl
 from gptforge.parallel.topology import Topology
 
 TOL = 1e-5
-
-
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a tests/workers script under torchrun; on timeout the whole process group goes (no orphans)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(ROOT / "tests/workers" / script),
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env(PYTHONPATH=str(ROOT)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def tiny(**kw) -> ModelConfig:

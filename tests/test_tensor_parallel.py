@@ -3,46 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import torchrun
 
 from gptforge.model import tensor_parallel as tpl
 
 TOL = 1e-5
-
-
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a tests/workers script under torchrun; on timeout the whole process group goes (no orphans)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(ROOT / "tests/workers" / script),
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env(PYTHONPATH=str(ROOT)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_qkv_shard_holds_each_ranks_q_k_and_v_heads():
