@@ -10,7 +10,7 @@ deduplicators see the same candidates. Then, interleaved over --reps repetitions
 
 - raw tiktoken `encode_ordinary_batch` over every document's text (`--workers` threads);
 - our end-to-end build (`--workers` processes/threads), with per-stage rates from its counters;
-- our near-dedup stage alone in one process (signatures + LSH + union-find) and datasketch's own
+- our near-dedup stage alone in one process (signatures + LSH + components) and datasketch's own
   `MinHash.update_batch` hashing (sha1 per shingle) on a sample, to show why hashing is vectorized;
 - datatrove's MinHash pipeline (signature -> buckets -> cluster -> filter) in one process, with the same
   shingles (5 words), bands and rows as ours, and a whitespace word tokenizer (faster than its default spaCy
@@ -43,7 +43,7 @@ CORPORA = ROOT.parent / "shared" / "corpora"
 
 from data_pipeline import BuildOptions, run_build  # noqa: E402
 from data_pipeline.base import Doc  # noqa: E402
-from data_pipeline.dedup_minhash import MinHasher, NearDedup, lsh_params  # noqa: E402
+from data_pipeline.dedup_minhash import MinHasher, lsh_params, near_groups  # noqa: E402
 from data_pipeline.filters import build_filters, load_filter_config  # noqa: E402
 from data_pipeline.textfeatures import shingle_hashes  # noqa: E402
 from gptforge.tokenizer import get_tokenizer  # noqa: E402
@@ -170,10 +170,10 @@ def run_ours(corpus: Path, out: Path, workers: int):
 
 
 def run_our_near_dedup(texts: list[str]) -> tuple[float, int]:
-    hasher, near = MinHasher(), NearDedup()
+    hasher = MinHasher()
     t0 = time.perf_counter()
     sigs = np.stack([hasher.signature(t) for t in texts])
-    removed = sum(j >= 0 for j in near.run(sigs, [0] * len(texts)))
+    removed = sum(j >= 0 for j in near_groups(sigs))
     return time.perf_counter() - t0, removed
 
 
@@ -343,7 +343,7 @@ def main() -> None:
         "| --- | --- | --- | --- |",
         f"| end to end vs raw tiktoken `encode_ordinary_batch` ({args.workers} threads), MB/s | "
         f"{rate(med['ours']):.1f} | {rate(med['tiktoken']):.1f} | {paired('tiktoken', 'ours'):.2f} |",
-        f"| near dedup, 1 process (ours: signatures + LSH + union-find; datatrove: signature, buckets, cluster, "
+        f"| near dedup, 1 process (ours: signatures + LSH + connected components; datatrove: signature, buckets, cluster, "
         f"filter), MB/s | {rate(med['near']):.1f} | {rate(med['dt_total']):.1f} | "
         f"{paired('dt_total', 'near'):.2f} |",
         f"| MinHash signatures only, 1 process, MB/s | {rate(med['near']):.1f} (incl. LSH) | "

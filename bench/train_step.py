@@ -1,17 +1,19 @@
 """Our trainer's step (the DeepSpeed engine exactly as launch/train.py builds it) vs a plain loop around
-`transformers.GPT2LMHeadModel`, side by side in one run.
+`transformers.GPT2LMHeadModel` (or `LlamaForCausalLM` for the Llama shapes), side by side in one run.
 
     python bench/train_step.py                       # fp32 and bf16, bench/model_step.py's shape, CPU
     python bench/train_step.py --reps 6 --precisions bf16
+    python bench/train_step.py --shape llama-small --precisions fp32 --compile
     python bench/train_step.py --shape gpt2-124m     # 124M at context 1024 (meant for a GPU)
 
 Rows:
-- peer: `GPT2LMHeadModel` (our initial weights converted with `gptforge.hf.to_hf`), `torch.optim.AdamW`,
-  `clip_grad_norm_`, bf16 through `torch.autocast` -- the plain loop a user would write;
+- peer: `GPT2LMHeadModel` / `LlamaForCausalLM` (our initial weights converted with `gptforge.hf.to_hf`),
+  `torch.optim.AdamW`, `clip_grad_norm_`, bf16 through `torch.autocast` -- the plain loop a user would write;
 - our model in the same plain loop with the optimizer our trainer uses (fused AdamW): what the engine
   must not lose;
 - our trainer: `gptforge.train.engine.build_engine` (DeepSpeed `initialize` with our config, AdamW groups,
-  norm/clip/skip guard) driven by `gptforge.train.loop.train_step`, the loop's own step function.
+  norm/clip/skip guard) driven by `gptforge.train.loop.train_step`, the loop's own step function;
+- with `--compile`, the same trainer with `train.compile=true` (its blocks through `torch.compile`).
 
 Same batch, same precision, gradient clipping in all three. Steps are interleaved in a rotating order so
 load from other processes hits every row alike; each row's fastest step is reported (the least disturbed
@@ -23,6 +25,7 @@ from `gptforge.model.flops_per_token`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -34,9 +37,29 @@ from collections.abc import Callable
 
 import torch
 
+LLAMA = [
+    "model.position_embedding=rope",
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.bias=false",
+    "model.tie_embeddings=false",
+]
 SHAPES = {
-    "small": dict(n_layer=6, n_head=6, d_model=384, context_length=256, batch=8),
-    "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, batch=8),
+    "small": dict(n_layer=6, n_head=6, d_model=384, context_length=256, batch=8, model=[]),
+    "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, batch=8, model=[]),
+    # the small shape, Llama-style: 6 query heads sharing 2 KV heads, SwiGLU 1024 (8/3 x 384 rounded to 256)
+    "llama-small": dict(
+        n_layer=6, n_head=6, d_model=384, context_length=256, batch=8, model=[*LLAMA, "model.n_kv_head=2"]
+    ),
+    # configs/llama-1b.yaml's shape (meant for a GPU)
+    "llama-1b": dict(
+        n_layer=16,
+        n_head=32,
+        d_model=2048,
+        context_length=2048,
+        batch=4,
+        model=[*LLAMA, "model.n_kv_head=8", "model.ffn_hidden=8192", "model.rope_theta=500000"],
+    ),
 }
 VOCAB = 50257
 
@@ -46,13 +69,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(shape: str, precision: str, device: torch.device) -> tuple[dict[str, Callable[[], float]], float]:
-    """The three steps (name -> callable returning the loss) and the FLOPs of one step."""
+def build(
+    shape: str, precision: str, device: torch.device, compile: bool = False
+) -> tuple[dict[str, Callable[[], float]], float]:
+    """The three (four with `compile`) steps (name -> callable returning the loss) and the FLOPs of one step."""
     from gptforge.config import load_config
     from gptforge.hf import to_hf
     from gptforge.model import GPT, flops_per_token
-    from gptforge.train.engine import build_engine, init_distributed, plan_batch, precision_mode
+    from gptforge.train.batch import plan_batch
+    from gptforge.train.distributed import init_distributed
+    from gptforge.train.engine import build_engine
     from gptforge.train.loop import train_step
+    from gptforge.train.precision import precision_mode
 
     s = SHAPES[shape]
     cfg = load_config(
@@ -69,6 +97,7 @@ def build(shape: str, precision: str, device: torch.device) -> tuple[dict[str, C
             "optim.lr=1e-4",
             "optim.weight_decay=0.1",
             "optim.grad_clip=1.0",
+            *s["model"],
         ],
     )
     dist_ctx = init_distributed(cfg)
@@ -102,7 +131,7 @@ def build(shape: str, precision: str, device: torch.device) -> tuple[dict[str, C
     engine = build_engine(cfg, trainer_model, plan_batch(cfg, 1), mode, dist_ctx)
 
     steps = {
-        "transformers GPT2LMHeadModel, torch AdamW (peer)": plain(
+        f"transformers {type(peer).__name__}, torch AdamW (peer)": plain(
             peer, torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.1), True
         ),
         "gptforge GPT, plain loop, fused AdamW": plain(
@@ -110,13 +139,21 @@ def build(shape: str, precision: str, device: torch.device) -> tuple[dict[str, C
         ),
         "gptforge trainer (DeepSpeed engine)": lambda: float(train_step(engine, [(x, y)], device)),
     }
+    if compile:
+        compiled_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
+        compiled_model = GPT(cfg.model).to(device).train()
+        compiled_model.load_state_dict(reference.state_dict())
+        compiled = build_engine(compiled_cfg, compiled_model, plan_batch(cfg, 1), mode, dist_ctx)
+        steps["gptforge trainer, train.compile=true"] = lambda: float(train_step(compiled, [(x, y)], device))
     return steps, flops_per_token(cfg.model) * s["batch"] * s["context_length"]
 
 
-def run(shape: str, precision: str, reps: int, warmup: int, device: torch.device) -> list[dict]:
+def run(
+    shape: str, precision: str, reps: int, warmup: int, device: torch.device, compile: bool = False
+) -> list[dict]:
     from gptforge.train.metrics import measure_matmul_peak
 
-    steps, flops_per_step = build(shape, precision, device)
+    steps, flops_per_step = build(shape, precision, device, compile)
     first = {name: step() for name, step in steps.items()}
     assert max(first.values()) - min(first.values()) < 2e-2, f"rows disagree on the first loss: {first}"
     for _ in range(warmup - 1):
@@ -164,6 +201,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--reps", type=int, default=8, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="add the trainer with train.compile=true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -174,7 +212,8 @@ def main() -> None:
     s = SHAPES[args.shape]
     print(
         f"# train_step: {args.shape} ({s['n_layer']} layers, d_model {s['d_model']}, {s['n_head']} heads, "
-        f"context {s['context_length']}, vocab {VOCAB}, batch {s['batch']}); {args.reps} interleaved reps\n"
+        f"context {s['context_length']}, vocab {VOCAB}, batch {s['batch']}; {' '.join(s['model']) or 'GPT-2'}); "
+        f"{args.reps} interleaved reps\n"
         f"# {datetime.date.today()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{device}, {torch.get_num_threads()} threads"
     )
@@ -183,7 +222,7 @@ def main() -> None:
     )
     print("|---|---|---:|---:|---:|---:|---:|")
     for precision in args.precisions.split(","):
-        rows = run(args.shape, precision, args.reps, args.warmup, device)
+        rows = run(args.shape, precision, args.reps, args.warmup, device, args.compile)
         for r in rows:
             print(
                 f"| {precision} | {r['row']} | {r['tokens_per_s']:,.0f} | {r['vs_peer']:.2f}x | "

@@ -1,4 +1,5 @@
-"""The corpus pipeline: raw text -> cleaned, filtered, deduplicated, tokenized shards (CONTRACTS §2).
+"""The corpus pipeline: raw text -> cleaned, filtered, deduplicated, tokenized shards (README, "Corpus
+pipeline", fixes their format).
 
 Entry point: `python data_pipeline/build.py --input PATH... --output DIR`; in Python,
 `run_build(BuildOptions(inputs=[...], output=...))`.

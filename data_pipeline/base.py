@@ -1,7 +1,7 @@
 """What flows through the pipeline (`Doc`) and what every step is (`Step`, with its own `StepStats`).
 
 Steps are small classes with one job each, like datatrove's pipeline steps. A per-document step looks at
-one `Doc` and either lets it through or marks it removed with a reason (CONTRACTS §2: `exact_duplicate`,
+one `Doc` and either lets it through or marks it removed with a reason (one of `removed.jsonl`'s: `exact_duplicate`,
 `near_duplicate`, `filter:<name>`, `empty`, `decode_error`, `parse_error`). Its counters travel with
 batch results from worker processes and MPI ranks and are summed into the manifest's `stats`.
 """
@@ -69,6 +69,14 @@ class StepStats:
         self.bytes_out += other.bytes_out
         self.seconds += other.seconds
         self.removed.update(other.removed)
+
+    def state(self) -> dict[str, Any]:
+        """Everything, seconds too (a resumed build keeps its finished stages' counters)."""
+        return {**vars(self), "removed": dict(self.removed)}
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> StepStats:
+        return cls(**{**data, "removed": Counter(data["removed"])})
 
     def to_json(self) -> dict[str, Any]:
         """Deterministic counters only (no seconds): the manifest is the same for any worker count."""

@@ -6,28 +6,12 @@ the steps. Under `mpirun -n N` / `srun` the ranks share the work (see data_pipel
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
-_HERE = Path(__file__).resolve().parent
-# Run as a script, Python puts this directory first on sys.path, where our tokenize.py would shadow the
-# standard library's; our modules are imported as data_pipeline.* instead.
-if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
-    sys.path.pop(0)
-try:
-    import data_pipeline  # noqa: F401 - installed with `pip install -e .`
-except ImportError:  # a plain checkout: the repository root holds the package, src/ the library
-    sys.path.insert(0, str(_HERE.parent))
-    try:
-        import gptforge  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(_HERE.parent / "src"))
-
-import argparse  # noqa: E402
-
-from data_pipeline.options import BuildOptions, default_workers, parse_dedup  # noqa: E402
-from data_pipeline.pipeline import run_build  # noqa: E402
-from gptforge.cli import run_cli, setup_logging  # noqa: E402
+from data_pipeline.options import BuildOptions, default_memory_per_rank, default_workers, parse_dedup
+from data_pipeline.pipeline import run_build
+from data_pipeline.spill import parse_size
+from gptforge.cli import run_cli, setup_logging
 
 EPILOG = """\
 inputs: .txt (one document per file; also .txt.gz, .txt.zst), .jsonl/.json (one document per line, text in
@@ -35,8 +19,9 @@ inputs: .txt (one document per file; also .txt.gz, .txt.zst), .jsonl/.json (one 
 local Hugging Face cache; no network). Directories are searched recursively; globs are expanded; all inputs are
 read in sorted path order. Document id: the record's "id" field, else "<input path>:<record index>".
 
-output: DIR/manifest.json (written last), DIR/{train,val}-NNNNN.bin/.idx (Megatron MMIDIDX), DIR/removed.jsonl.
-Re-running a finished build is a no-op; other options need --overwrite. See README "Corpus pipeline".
+output: DIR/manifest.json (written last), DIR/{train,val}-NNNNN.bin/.idx (Megatron MMIDIDX), DIR/removed.jsonl
+(and DIR/tokenizer.model for a SentencePiece tokenizer). Re-running a finished build is a no-op; other options
+need --overwrite; a killed build, run again, resumes from its finished stages. See README "Corpus pipeline".
 """
 
 
@@ -47,6 +32,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32),
     )
+    _input_args(p)
+    _quality_args(p)
+    _dedup_args(p)
+    _output_args(p)
+    return p.parse_args(argv)
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    """What to read and how to tokenize it."""
     p.add_argument(
         "--input",
         nargs="+",
@@ -58,6 +52,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output", required=True, metavar="DIR", help="output directory")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2 or sentencepiece:MODEL")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.json/.parquet/hf records")
+
+
+def _dedup_args(p: argparse.ArgumentParser) -> None:
+    """Exact and MinHash near deduplication."""
     p.add_argument("--dedup", default="exact,minhash", help="none, exact, minhash or exact,minhash")
     p.add_argument(
         "--minhash-threshold",
@@ -67,6 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
     p.add_argument("--ngram", type=int, default=5, help="words per MinHash shingle")
+
+
+def _quality_args(p: argparse.ArgumentParser) -> None:
+    """Cleaning and quality filters."""
     p.add_argument(
         "--filters",
         default="default",
@@ -81,6 +83,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="strict",
         help="invalid UTF-8: strict removes the document as decode_error, replace repairs it (U+FFFD)",
     )
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    """Splits, shards, resources, errors and the output directory."""
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -99,6 +105,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "divided by the MPI ranks on this node",
     )
     p.add_argument(
+        "--memory-per-rank",
+        type=parse_size,
+        default=default_memory_per_rank(),
+        metavar="SIZE",
+        help="what a rank may hold (512M, 4G); past it, the dedup stages spill to --tmp-dir; default: half "
+        "of this node's memory divided by the MPI ranks on it",
+    )
+    p.add_argument(
+        "--tmp-dir",
+        default=None,
+        metavar="DIR",
+        help="temporary files and spill (on a filesystem every rank sees); default: OUTPUT/.build",
+    )
+    p.add_argument(
         "--seed", type=int, default=1234, help="seed of the val split and the MinHash permutations"
     )
     p.add_argument(
@@ -114,7 +134,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars or summary table")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -139,6 +158,8 @@ def main(argv: list[str]) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        memory_per_rank=args.memory_per_rank,
+        tmp_dir=args.tmp_dir,
     )
     run_build(opts)
     return 0

@@ -1,26 +1,44 @@
 """Near deduplication: MinHash signatures of word n-gram shingles, LSH candidates, Jaccard confirmation,
-union-find groups.
+connected components, sharded over the ranks.
 
 Workers compute signatures (`MinHasher`: datasketch's `affine32` permutations, applied to numpy-hashed
-shingles: see textfeatures.py); the grouping is global (`NearDedup`, on rank 0, in input order). LSH bands and
-rows come from the threshold through datasketch's `MinHashLSH` with false-positive/negative weights 0.2/0.8:
-candidates are confirmed by their estimated Jaccard similarity, so a false positive costs one comparison while
-a false negative is a missed duplicate. Confirmed pairs are merged by union-find; in each group the first
-document in input order is kept and the others are `near_duplicate` of it.
+shingles: see textfeatures.py) into their rank's signature file. LSH bands and rows come from the threshold
+through datasketch's `MinHashLSH` with false-positive/negative weights 0.2/0.8: candidates are confirmed by
+their estimated Jaccard similarity, so a false positive costs one comparison while a false negative is a
+missed duplicate.
+
+The grouping (`NearDedup`) never gathers the signatures: every rank makes its documents' band keys (a 64-bit
+hash of the band index and its rows) and sends (key, global index) to the key's owner rank; an owner sorts its
+keys (in parts on disk when over budget) and, in each bucket of equal keys, pairs the members (every pair
+of a bucket of up to `ALL_PAIRS`; in a larger one each member with the smallest and with the one before it).
+A candidate pair goes to the rank of its smaller index, which confirms it against both full signatures
+(its own from memory-mapped reads of its file, the partner's from the partner rank's file on the shared
+output filesystem). Groups are the connected components of the confirmed pairs (components.py); each group
+keeps its smallest global index (the first document in input order), the others are `near_duplicate` of it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.base import Doc, Step, StepStats
+from data_pipeline.base import Doc, Step
+from data_pipeline.components import components
+from data_pipeline.context import BuildContext, Stage, rank_file, survivor_bytes
+from data_pipeline.distributed import Comm, owners, route
 from data_pipeline.features import word_hashes
+from data_pipeline.spill import Partitions, read_array, read_rows
 from data_pipeline.textfeatures import fmix32, fmix64, ngram_hashes, shingle_hashes
 
+log = logging.getLogger("data_pipeline")
 LSH_WEIGHTS = (0.2, 0.8)  # (false positive, false negative)
+ALL_PAIRS = 32  # buckets up to this size confirm every pair (exactly the union-find over all candidates)
+KEY = np.dtype([("k", "<u8"), ("s", "<i8")])
+PAIR = np.dtype([("u", "<i8"), ("v", "<i8")])
 _BLOCK = 2048  # shingles per numpy pass: a (num_perm, _BLOCK) uint32 matrix stays in cache
 
 
@@ -121,69 +139,202 @@ class MinHasher(Step):
         return None
 
 
-class NearDedup:
-    """Groups of near duplicates over signatures given in global input order."""
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(documents, bands) 64-bit keys: a hash of the band's index and its `rows` values."""
+    sigs = sigs.astype(np.uint64)
+    keys = np.empty((len(sigs), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for b in range(bands):
+            acc = np.full(len(sigs), (b + 1) * 0x9E3779B97F4A7C15 % (1 << 64), dtype=np.uint64)
+            for j in range(b * rows, (b + 1) * rows):
+                acc = fmix64(acc * np.uint64(0x100000001B3) + sigs[:, j])
+            keys[:, b] = acc
+    return keys
 
-    name = "near_dedup"
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128) -> None:
-        self.threshold = threshold
+def bucket_pairs(keys: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entries sorted by (key, member): candidate pairs (u < v) within each bucket of equal keys."""
+    start = np.ones(len(keys), dtype=bool)
+    start[1:] = keys[1:] != keys[:-1]
+    shared = ~start
+    shared[:-1] |= ~start[1:]  # in a bucket of two or more: the others cannot pair
+    keys, members, start = keys[shared], members[shared], start[shared]
+    if len(keys) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bucket = np.cumsum(start) - 1
+    first = np.flatnonzero(start)
+    size = np.diff(np.append(first, len(keys)))[bucket]
+    us, vs = [], []
+    big = size > ALL_PAIRS
+    head = first[bucket]
+    star = big & (np.arange(len(keys)) != head)  # large buckets: every member with the smallest ...
+    us.append(members[head[star]])
+    vs.append(members[star])
+    for d in range(1, min(ALL_PAIRS, int(size.max())) if len(size) else 1):  # ... and the one before it
+        i = np.arange(len(keys) - d)
+        ok = bucket[i] == bucket[i + d]
+        if d > 1:
+            ok &= ~big[i]
+        us.append(members[i[ok]])
+        vs.append(members[i[ok] + d])
+    return np.concatenate(us), np.concatenate(vs)
+
+
+class NearGrouping:
+    """The sharded near-duplicate grouping over any signature store (a rank's files, or arrays in memory)."""
+
+    def __init__(self, threshold: float, num_perm: int) -> None:
         self.num_perm = num_perm
         self.bands, self.rows = lsh_params(threshold, num_perm)
         self.min_matches = math.ceil(threshold * num_perm - 1e-9)
-        self.stats = StepStats(self.name)
+        self.candidates = 0
+        self.confirmed = 0
+        self.rounds = 0
+        self.spilled = 0
+        self.remote_bytes = 0  # signature rows read from other ranks' files
 
-    def run(self, signatures: np.ndarray, nbytes: list[int]) -> list[int]:
-        """For each document the index of the kept document of its group, or -1 if it is kept.
+    def run(
+        self,
+        comm: Comm,
+        bounds: np.ndarray,
+        alive: np.ndarray,
+        block_sigs: Callable[[int, int], np.ndarray],
+        rank_rows: Callable[[int, np.ndarray], np.ndarray],
+        budget: int,
+        spill: Path,
+    ) -> np.ndarray:
+        """`alive`: this rank's survivors that take part (bool). Returns, per local survivor, the global index
+        of its group's kept document, or -1 (kept, or not a near duplicate)."""
+        rank, size = comm.rank, comm.size
+        base = int(bounds[rank])
+        n = len(alive)
+        alive_total = int(comm.allreduce(np.array([int(alive.sum())]), "sum")[0])
+        per_rank = alive_total * self.bands / size
+        parts = max(1, int(np.ceil(per_rank * KEY.itemsize * 4 / budget)))
+        block = max(256, budget // (4 * self.num_perm * 2 + self.bands * KEY.itemsize * 6))
+        store = Partitions(spill, f"bands-{rank:05d}", parts, KEY)
+        cands = Partitions(spill, f"pairs-{rank:05d}", parts, PAIR)  # by u: copies of a pair meet in one part
+        edges: list[np.ndarray] = []
+        try:
+            for b in range(int(comm.allreduce(np.array([-(-n // block)]), "max")[0])):
+                lo, hi = min(n, b * block), min(n, (b + 1) * block)
+                idx = np.flatnonzero(alive[lo:hi])
+                sigs = block_sigs(lo, hi)[idx]
+                keys = band_keys(sigs, self.bands, self.rows)
+                rec = np.empty(keys.size, dtype=KEY)
+                rec["k"] = keys.ravel()
+                rec["s"] = np.repeat(base + lo + idx, self.bands)
+                got = np.concatenate(route(comm, (rec["k"] % size).astype(np.int64), rec))
+                store.add(got, ((got["k"] >> np.uint64(32)) % parts).astype(np.int64))
+            for p in range(parts):
+                rec = store.take(p)
+                rec = rec[np.lexsort((rec["s"], rec["k"]))]
+                u, v = bucket_pairs(rec["k"], rec["s"])
+                pair = np.empty(len(u), dtype=PAIR)
+                pair["u"], pair["v"] = u, v
+                got = np.concatenate(route(comm, owners(bounds, u), pair))
+                cands.add(got, got["u"] % parts)
+            for p in range(parts):
+                pair = np.unique(cands.take(p))
+                self.candidates += len(pair)
+                edges.append(pair[self._confirmed(rank, bounds, pair, rank_rows, budget)])
+            self.spilled += store.spilled + cands.spilled
+        finally:
+            store.close()
+            cands.close()
+        edges_all = np.concatenate(edges) if edges else np.zeros(0, PAIR)
+        self.confirmed += len(edges_all)
+        nodes, label, self.rounds = components(comm, bounds, edges_all["u"], edges_all["v"])
+        near_of = np.full(n, -1, dtype=np.int64)
+        moved = label != nodes
+        near_of[nodes[moved] - base] = label[moved]
+        return near_of
 
-        The LSH index is datasketch's `MinHashLSH` (its bands, rows and bucket tables). Each document's band
-        keys (datasketch's own: the band's values byte-swapped) are made for all documents in one numpy pass
-        and used for both the query and the insert, where `query()` + `insert()` would build them twice.
-        """
-        from datasketch import MinHashLSH
+    def _confirmed(
+        self,
+        rank: int,
+        bounds: np.ndarray,
+        pair: np.ndarray,
+        rank_rows: Callable[[int, np.ndarray], np.ndarray],
+        budget: int,
+    ) -> np.ndarray:
+        """Which candidate pairs (u on this rank) agree in >= `min_matches` of their signatures' values."""
+        keep = np.zeros(len(pair), dtype=bool)
+        step = max(256, budget // (8 * self.num_perm * 4))
+        for lo in range(0, len(pair), step):
+            chunk = pair[lo : lo + step]
+            su = rank_rows(rank, chunk["u"] - bounds[rank])
+            sv = np.empty_like(su)
+            where = owners(bounds, chunk["v"])
+            for r in np.unique(where):
+                sel = where == r
+                sv[sel] = rank_rows(int(r), chunk["v"][sel] - bounds[r])
+                if r != rank:
+                    self.remote_bytes += int(sel.sum()) * sv.shape[1] * 4
+            keep[lo : lo + step] = np.count_nonzero(su == sv, axis=1) >= self.min_matches
+        return keep
 
-        t0 = time.perf_counter()
-        lsh = MinHashLSH(num_perm=self.num_perm, params=(self.bands, self.rows))
-        sigs = np.ascontiguousarray(signatures, dtype=np.uint32)
-        band_keys = [
-            np.ascontiguousarray(sigs[:, lo:hi].byteswap())
-            .view(np.dtype((np.void, 4 * (hi - lo))))
-            .ravel()
-            .tolist()
-            for lo, hi in lsh.hashranges
-        ]
-        tables = list(zip(band_keys, lsh.hashtables, strict=True))
-        parent = list(range(len(sigs)))
 
-        def find(x: int) -> int:
-            root = x
-            while parent[root] != root:
-                root = parent[root]
-            while parent[x] != root:
-                parent[x], x = root, parent[x]
-            return root
+class NearDedup(Stage):
+    """Sharded near-duplicate groups of the survivors that are not exact duplicates: `near_of[i]` is the
+    global survivor index of local survivor i's group's kept document, or -1."""
 
-        for i, sig in enumerate(sigs):
-            candidates: set[int] = set()
-            for keys, table in tables:
-                candidates.update(table.get(keys[i]))
-            for c in sorted(candidates):
-                rc, ri = find(c), find(i)
-                if rc != ri and np.count_nonzero(sigs[c] == sig) >= self.min_matches:
-                    parent[max(rc, ri)] = min(rc, ri)  # the root is the group's first document
-            for keys, table in tables:
-                table.insert(keys[i], i)
-        out = []
+    name = "near_dedup"
+    arrays = ("near_of",)
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128) -> None:
+        super().__init__()
+        self.grouping = NearGrouping(threshold, num_perm)
+
+    def run(self, ctx: BuildContext) -> None:
+        bounds = ctx.bounds("survivor_bounds")
+        n = int(bounds[ctx.rank + 1] - bounds[ctx.rank])
+        exact_of = ctx.arrays.get("exact_of")
+        alive = np.ones(n, dtype=bool) if exact_of is None else exact_of < 0
+        width = self.grouping.num_perm
+        sig_file = rank_file(ctx.tmp, "sig", ctx.rank)
+        near_of = self.grouping.run(
+            ctx.comm,
+            bounds,
+            alive,
+            lambda lo, hi: read_array(sig_file, "<u4", lo, hi, width=width),
+            lambda r, rows: read_rows(rank_file(ctx.tmp, "sig", r), rows, width),
+            ctx.budget,
+            ctx.tmp / "spill",
+        )
+        ctx.arrays["near_of"] = near_of
+        g = self.grouping
+        log.info(
+            "rank %d: near dedup: %d candidate pairs, %d confirmed, %d rounds, %.3f MB of signatures read from "
+            "other ranks%s",
+            ctx.rank,
+            g.candidates,
+            g.confirmed,
+            g.rounds,
+            g.remote_bytes / 1e6,
+            f", spilled {g.spilled / 1e6:.1f} MB" if g.spilled else "",
+        )
+        nbytes = survivor_bytes(ctx.tmp, ctx.rank)
+        dup = near_of >= 0
         st = self.stats
-        for i, n in enumerate(nbytes):
-            root = find(i)
-            out.append(-1 if root == i else root)
-            st.docs_in += 1
-            st.bytes_in += n
-            if root == i:
-                st.docs_out += 1
-                st.bytes_out += n
-            else:
-                st.removed["near_duplicate"] += 1
-        st.seconds += time.perf_counter() - t0
-        return out
+        st.docs_in, st.bytes_in = int(alive.sum()), int(nbytes[alive].sum())
+        st.docs_out, st.bytes_out = int((alive & ~dup).sum()), int(nbytes[alive & ~dup].sum())
+        if dup.any():
+            st.removed["near_duplicate"] += int(dup.sum())
+
+
+def near_groups(signatures: np.ndarray, threshold: float = 0.8, num_perm: int = 128) -> list[int]:
+    """One process, signatures in memory (global input order): for each document the index of its group's
+    kept document, or -1 if it is kept."""
+    sigs = np.ascontiguousarray(signatures, dtype=np.uint32)
+    grouping = NearGrouping(threshold, num_perm)
+    near_of = grouping.run(
+        Comm(),
+        np.array([0, len(sigs)]),
+        np.ones(len(sigs), dtype=bool),
+        lambda lo, hi: sigs[lo:hi],
+        lambda r, rows: sigs[rows],
+        1 << 40,
+        Path("."),
+    )
+    return near_of.tolist()

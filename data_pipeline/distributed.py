@@ -1,8 +1,13 @@
 """Who does what: MPI ranks (mpi4py, under `mpirun`/`srun`) split the input files; `--workers` processes on
-each rank run the per-document steps; rank 0 takes the global decisions and writes the output.
+each rank run the per-document steps; the global stages exchange numpy buffers between ranks.
 
-Ranks get contiguous runs of the sorted input files (balanced by size), so concatenating the ranks' results
-in rank order is global input order: the output is the same for any rank or worker count.
+Ranks get contiguous runs of the sorted input files (balanced by size), so a document's global index (its
+position in global input order) is its rank's exclusive prefix sum plus its local index: every decision is
+made on global indices, and the output is the same for any rank or worker count.
+
+Exchanges go through `alltoallv` / `allgatherv` over numpy arrays (mpi4py's buffer interface, as bytes): one
+call is cut into rounds of at most `max_bytes` so that no MPI count passes 2**31. Pickled collectives are used
+only for O(ranks) or O(shards) data (options, counters, shard descriptions).
 """
 
 from __future__ import annotations
@@ -14,17 +19,23 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from data_pipeline.readers import Source
 from gptforge.errors import DataError, GptforgeError
+from gptforge.launcher import launched_by_mpi
 
-_MPI_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_STEP_NUM_TASKS", "MPI_LOCALNRANKS")
+MAX_MESSAGE_BYTES = 1 << 30  # per rank and round: MPI's int counts stay below 2**31
 
 
 class Comm:
-    """One process, no MPI: the collectives are identities."""
+    """One process, no MPI: the collectives are identities. Counts bytes exchanged (here: none)."""
 
     rank = 0
     size = 1
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
 
     def gather(self, obj: Any) -> list[Any] | None:
         return [obj]
@@ -32,11 +43,8 @@ class Comm:
     def allgather(self, obj: Any) -> list[Any]:
         return [obj]
 
-    def bcast(self, obj: Any) -> Any:
+    def bcast(self, obj: Any, root: int = 0) -> Any:
         return obj
-
-    def scatter(self, objs: list[Any] | None) -> Any:
-        return objs[0]
 
     def barrier(self) -> None:
         pass
@@ -44,16 +52,39 @@ class Comm:
     def abort(self, code: int = 1) -> None:
         pass
 
+    def allreduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        return np.asarray(values).copy()
+
+    def exscan(self, value: int) -> int:
+        """Sum of `value` over the ranks before this one."""
+        return 0
+
+    def alltoallv(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """`parts[d]` goes to rank d; returns what each rank sent here, by source rank."""
+        return [np.ascontiguousarray(parts[0])]
+
+    def allgatherv(self, array: np.ndarray) -> np.ndarray:
+        """Every rank's `array`, concatenated in rank order."""
+        return np.ascontiguousarray(array)
+
+    def relay(self, fn: Callable[[Any], Any], first: Any) -> Any:
+        """Rank r runs `fn` on what rank r-1's `fn` returned (`first` on rank 0) and passes its result on:
+        for the few O(1)-state decisions that are sequential by nature (shard boundaries)."""
+        return fn(first)
+
 
 class MpiComm(Comm):
-    """MPI.COMM_WORLD through mpi4py's pickle-based collectives."""
+    """MPI.COMM_WORLD through mpi4py."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
         from mpi4py import MPI
 
+        super().__init__()
+        self._mpi = MPI
         self._comm = MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
+        self.max_bytes = max_bytes
 
     def gather(self, obj: Any) -> list[Any] | None:
         return self._comm.gather(obj, root=0)
@@ -61,11 +92,8 @@ class MpiComm(Comm):
     def allgather(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)
 
-    def bcast(self, obj: Any) -> Any:
-        return self._comm.bcast(obj, root=0)
-
-    def scatter(self, objs: list[Any] | None) -> Any:
-        return self._comm.scatter(objs, root=0)
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self._comm.bcast(obj, root=root)
 
     def barrier(self) -> None:
         self._comm.Barrier()
@@ -74,14 +102,80 @@ class MpiComm(Comm):
         """End every rank: one that crashed outside `agree` would leave the others waiting forever."""
         self._comm.Abort(code)
 
+    def allreduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
+        send = np.ascontiguousarray(values)
+        recv = np.empty_like(send)
+        self._comm.Allreduce(
+            send, recv, op={"sum": self._mpi.SUM, "max": self._mpi.MAX, "min": self._mpi.MIN}[op]
+        )
+        return recv
 
-def launched_by_mpi() -> bool:
-    """mpirun/mpiexec (MPICH, Open MPI) or a multi-task srun step set one of these; plain runs skip MPI."""
-    for var in _MPI_ENV:
-        value = os.environ.get(var)
-        if value is not None and (var == "PMIX_RANK" or value.isdigit() and int(value) > 1):
-            return True
-    return False
+    def exscan(self, value: int) -> int:
+        send = np.array([value], dtype=np.int64)
+        recv = np.zeros(1, dtype=np.int64)
+        self._comm.Exscan(send, recv, op=self._mpi.SUM)
+        return int(recv[0]) if self.rank else 0
+
+    def _rounds(self, nbytes: int) -> int:
+        most = int(self.allreduce(np.array([nbytes], dtype=np.int64), "max")[0])
+        return max(1, -(-most // self.max_bytes))
+
+    def alltoallv(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        parts = [np.ascontiguousarray(p) for p in parts]
+        dtype = parts[0].dtype
+        item = dtype.itemsize
+        counts = np.array([len(p) for p in parts], dtype=np.int64)
+        recv_counts = np.empty(self.size, dtype=np.int64)
+        self._comm.Alltoall(counts, recv_counts)
+        self.bytes_sent += int(counts.sum() - counts[self.rank]) * item
+        rounds = self._rounds(int(max(counts.sum(), recv_counts.sum())) * item)
+        got: list[list[np.ndarray]] = [[] for _ in range(self.size)]
+        for k in range(rounds):  # round k carries elements [n*k//rounds, n*(k+1)//rounds) of every part
+            lo, hi = counts * k // rounds, counts * (k + 1) // rounds
+            rlo, rhi = recv_counts * k // rounds, recv_counts * (k + 1) // rounds
+            send = np.concatenate([p[a:b] for p, a, b in zip(parts, lo, hi, strict=True)]).view(np.uint8)
+            recv = np.empty(int((rhi - rlo).sum()), dtype=dtype)
+            sc, rc = (hi - lo) * item, (rhi - rlo) * item
+            sd = np.concatenate(([0], np.cumsum(sc)[:-1]))
+            rd = np.concatenate(([0], np.cumsum(rc)[:-1]))
+            byte = self._mpi.BYTE
+            self._comm.Alltoallv(
+                [send, sc.astype(np.int32), sd.astype(np.int32), byte],
+                [recv.view(np.uint8), rc.astype(np.int32), rd.astype(np.int32), byte],
+            )
+            bounds = np.concatenate(([0], np.cumsum(rhi - rlo)))
+            for s in range(self.size):
+                got[s].append(recv[bounds[s] : bounds[s + 1]])
+        return [np.concatenate(g) if len(g) > 1 else g[0] for g in got]
+
+    def allgatherv(self, array: np.ndarray) -> np.ndarray:
+        array = np.ascontiguousarray(array)
+        item = array.dtype.itemsize
+        counts = np.array(self._comm.allgather(len(array)), dtype=np.int64)
+        self.bytes_sent += len(array) * item * (self.size - 1)
+        rounds = self._rounds(int(counts.sum()) * item)
+        pieces: list[list[np.ndarray]] = [[] for _ in range(self.size)]
+        for k in range(rounds):
+            lo, hi = counts * k // rounds, counts * (k + 1) // rounds
+            mine = array[lo[self.rank] : hi[self.rank]]
+            recv = np.empty(int((hi - lo).sum()), dtype=array.dtype)
+            rc = (hi - lo) * item
+            rd = np.concatenate(([0], np.cumsum(rc)[:-1]))
+            self._comm.Allgatherv(
+                [mine.view(np.uint8), self._mpi.BYTE],
+                [recv.view(np.uint8), rc.astype(np.int32), rd.astype(np.int32), self._mpi.BYTE],
+            )
+            bounds = np.concatenate(([0], np.cumsum(hi - lo)))
+            for s in range(self.size):
+                pieces[s].append(recv[bounds[s] : bounds[s + 1]])
+        return np.concatenate([p for ps in pieces for p in ps])
+
+    def relay(self, fn: Callable[[Any], Any], first: Any) -> Any:
+        state = first if self.rank == 0 else self._comm.recv(source=self.rank - 1, tag=7)
+        result = fn(state)
+        if self.rank + 1 < self.size:
+            self._comm.send(result, dest=self.rank + 1, tag=7)
+        return result
 
 
 def get_comm() -> Comm:
@@ -111,6 +205,34 @@ def agree(comm: Comm, fn: Callable[[], Any]) -> Any:
         if message is not None:
             raise DataError(f"rank {rank} failed: {message}")
     return result
+
+
+def owners(bounds: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The rank holding each global index, given every rank's start (`bounds`, length ranks + 1)."""
+    return np.searchsorted(bounds, index, side="right") - 1
+
+
+def route(comm: Comm, dest: np.ndarray, records: np.ndarray) -> list[np.ndarray]:
+    """Send each record to rank `dest[i]`; returns the records this rank received, by source."""
+    order = np.argsort(dest, kind="stable")
+    cuts = np.searchsorted(dest[order], np.arange(comm.size + 1))
+    sorted_records = records[order]
+    return comm.alltoallv([sorted_records[cuts[d] : cuts[d + 1]] for d in range(comm.size)])
+
+
+def fetch(
+    comm: Comm, bounds: np.ndarray, keys: np.ndarray, lookup: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """`lookup(keys)` evaluated on the rank that owns each key (global indices, ranks' starts in `bounds`):
+    keys go out, values come back in the order asked. `lookup` sees only its own rank's keys."""
+    dest = owners(bounds, keys)
+    order = np.argsort(dest, kind="stable")
+    cuts = np.searchsorted(dest[order], np.arange(comm.size + 1))
+    asked = comm.alltoallv([keys[order[cuts[d] : cuts[d + 1]]] for d in range(comm.size)])
+    answers = comm.alltoallv([lookup(a) for a in asked])
+    out = np.empty(len(keys), dtype=answers[0].dtype)
+    out[order] = np.concatenate(answers)
+    return out
 
 
 def split_sources(sources: list[Source], parts: int) -> list[list[Source]]:

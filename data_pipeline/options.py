@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline.distributed import available_cpus
 from data_pipeline.filters import load_filter_config
+from data_pipeline.spill import default_memory
 from gptforge.errors import ConfigError
+from gptforge.launcher import launched_local_size
 
 DEDUP_METHODS = ("exact", "minhash")
 
 
 def default_workers() -> int:
     """CPUs this process may use, shared among the MPI ranks on this node."""
-    local = os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or "1"
-    return max(1, available_cpus() // max(1, int(local) if local.isdigit() else 1))
+    return max(1, available_cpus() // launched_local_size())
+
+
+def default_memory_per_rank() -> int:
+    """Half of this node's memory, divided among the MPI ranks on it."""
+    return default_memory(launched_local_size())
 
 
 def parse_dedup(spec: str) -> tuple[str, ...]:
@@ -51,6 +56,8 @@ class BuildOptions:
     workers: int = field(default_factory=default_workers)
     overwrite: bool = False
     progress: bool = True
+    memory_per_rank: int = field(default_factory=default_memory_per_rank)  # bytes
+    tmp_dir: str | None = None  # default: OUTPUT/.build
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,6 +68,7 @@ class BuildOptions:
             (0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
             (self.shard_tokens >= 1, "--shard-tokens must be >= 1"),
             (self.workers >= 1, "--workers must be >= 1"),
+            (self.memory_per_rank >= 1 << 20, "--memory-per-rank must be at least 1M"),
             (self.on_error in ("fail", "skip"), "--on-error must be fail or skip"),
             (self.utf8_errors in ("strict", "replace"), "--utf8-errors must be strict or replace"),
         ]
@@ -70,7 +78,7 @@ class BuildOptions:
         self.filter_config = load_filter_config(self.filters)
 
     def resolved(self) -> dict[str, Any]:
-        """What the output depends on (not the worker count, output path or progress display), JSON-normal
+        """What the output depends on (not the worker count, memory, paths or progress display), JSON-normal
         so that it compares equal with the manifest's copy."""
         from data_pipeline.dedup_minhash import lsh_params
 

@@ -37,7 +37,7 @@ class Source:
 
     @property
     def compressed(self) -> bool:
-        return self.path.endswith((".gz", ".zst"))
+        return self.path.lower().endswith((".gz", ".zst"))
 
 
 def _kind(path: str) -> str | None:
@@ -95,9 +95,11 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
 
 
 def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.endswith(".gz"):
+    """Decompressing by suffix, in any case (`.GZ` too)."""
+    name = path.lower()
+    if name.endswith(".gz"):
         return gzip.open(path, "rb")
-    if path.endswith(".zst"):
+    if name.endswith(".zst"):
         import zstandard
 
         raw = open(path, "rb")  # noqa: SIM115 - closed with the returned reader

@@ -85,9 +85,9 @@ def choose_task(args: argparse.Namespace) -> str:
 
 def evaluate(args: argparse.Namespace, task: str, dist_ctx: Any) -> dict[str, Any]:
     from gptforge.evaluate import LossSettings, choice_eval, classify_eval, in_precision, lm_loss
-    from gptforge.finetune.saved import load_classifier, run_meta
-    from gptforge.train.engine import precision_mode
-    from gptforge.weights import load_model
+    from gptforge.finetune.saved import load_classifier
+    from gptforge.train.precision import precision_mode
+    from gptforge.weights import load_model, run_meta
 
     spec = f"hf:{args.hf}" if args.hf else args.checkpoint
     meta = run_meta(spec)
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
 
     quiet_deepspeed()
     from gptforge.config import Config
-    from gptforge.train.engine import init_distributed
+    from gptforge.train.distributed import init_distributed
 
     dist_ctx = init_distributed(Config())
     try:

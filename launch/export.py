@@ -1,4 +1,6 @@
-"""Export a model to a Hugging Face GPT-2 directory that `GPT2LMHeadModel.from_pretrained` loads.
+"""Export a model to a Hugging Face directory: GPT-2 (`GPT2LMHeadModel.from_pretrained` loads it), or for a
+Llama-shaped model (rope + rmsnorm + swiglu, no biases) `LlamaForCausalLM`; `AutoModelForCausalLM` loads
+either. Any other shape is refused before OUT is created.
 
     python launch/export.py --checkpoint runs/gpt2-124m --output exports/gpt2-124m
 
@@ -12,7 +14,7 @@ import argparse
 import logging
 
 from gptforge.cli import output_dir, run_cli, setup_logging
-from gptforge.hf import save_hf
+from gptforge.hf import architecture, save_hf
 from gptforge.weights import load_model
 
 log = logging.getLogger("export")
@@ -30,8 +32,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    out = output_dir(args.output, args.overwrite)
     model, cfg, tok = load_model(args.checkpoint)
+    architecture(cfg)  # refuses a shape neither GPT-2 nor Llama expresses, before anything is written
+    out = output_dir(args.output, args.overwrite)
     save_hf(model, cfg, out, tok.describe())
     log.info(
         "wrote %s (%s parameters, tokenizer %s)",

@@ -5,6 +5,8 @@
     torchrun --nproc_per_node=2 launch/finetune.py --task instruct --config configs/finetune-instruct.yaml \
         --train alpaca_train.jsonl --val alpaca_val.jsonl finetune.lora_rank=8 model.init_from=hf:gpt2
 
+Overrides may stand anywhere on the command line; `--dry-run [--world-size N] [--gpus-per-node G]` checks
+the config, files, batch plan, layout and memory for that shape and exits (see launch/train.py).
 The model starts from `model.init_from` (hf:DIR = a Hugging Face GPT-2 directory, checkpoint:DIR = a
 gptforge run or checkpoint). `classify` rows: {"text": ..., "label": ...}; `instruct` rows (Alpaca):
 {"instruction": ..., "input": ..., "output": ...}. Writes a run directory like launch/train.py (metrics.jsonl,
@@ -17,7 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from gptforge.cli import quiet_deepspeed, run_cli, setup_rank_logging
+from gptforge.cli import parse_args_anywhere, quiet_deepspeed, run_cli, setup_rank_logging
+from gptforge.train.dry_run import add_dry_run_args
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,7 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="resume a checkpoint on other train/val files than it was trained on",
     )
-    return parser.parse_args(argv)
+    add_dry_run_args(parser)
+    return parse_args_anywhere(parser, argv)
 
 
 def main(argv: list[str]) -> int:
@@ -49,9 +53,18 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides, cls=FinetuneRunConfig)
     flags = {key: value for key in ("task", "train", "val") if (value := getattr(args, key))}
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **flags))
+    if args.dry_run:
+        from gptforge.finetune.config import validate_finetune
+        from gptforge.train.dry_run import dry_run, files_exist, resolve_shape
+
+        validate_finetune(cfg)
+        inputs = files_exist(cfg.finetune.train, cfg.finetune.val)
+        shape = resolve_shape(args.world_size, args.gpus_per_node)
+        print(dry_run(cfg, shape, args.gpu_mem, model_parallel=False, extra=inputs))
+        return 0
 
     quiet_deepspeed()
-    from gptforge.finetune.loop import finetune
+    from gptforge.finetune.tasks import finetune
 
     return finetune(cfg, resume=args.resume, allow_new_data=args.allow_new_data)
 

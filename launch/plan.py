@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from gptforge.cli import run_cli
+from gptforge.cli import parse_args_anywhere, run_cli
 from gptforge.config import load_config
 from gptforge.errors import ConfigError
 from gptforge.model.size import count_parameters
@@ -36,10 +36,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--peak-tflops", type=float, default=312.0, help="per GPU, dense 16-bit (A100 312, H100 989)"
     )
     parser.add_argument(
+        "--fs-bandwidth",
+        default="10GB",
+        help="checkpoint write bandwidth of the filesystem, all ranks (per s)",
+    )
+    parser.add_argument(
+        "--save-timeout",
+        type=float,
+        default=float(os.environ.get("SAVE_TIMEOUT_S", 100)),
+        help="seconds slurm/pretrain_8node.sh leaves to save at preemption (default: $SAVE_TIMEOUT_S or 100)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="one JSON object: every layout and the suggestion"
     )
-    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
-    return parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value (anywhere)")
+    return parse_args_anywhere(parser, argv)
 
 
 def main(argv: list[str]) -> int:
@@ -47,7 +58,7 @@ def main(argv: list[str]) -> int:
     # Planning touches no device: telling DeepSpeed so keeps its accelerator probe (a warning on stdout on
     # GPU-less login nodes) out of the output, which --json promises to be one JSON object.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from gptforge.parallel.planner import GB, Hardware, best, format_plans, parse_bytes, plan
+    from gptforge.parallel.planner import GB, Hardware, best, format_plans, parse_bytes, plan, save_warnings
 
     if args.gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
@@ -57,6 +68,7 @@ def main(argv: list[str]) -> int:
         gpu_mem=parse_bytes(args.gpu_mem),
         gpus_per_node=args.gpus_per_node or min(args.gpus, 8),
         peak_flops=args.peak_tflops * 1e12,
+        fs_bandwidth=parse_bytes(args.fs_bandwidth.upper().removesuffix("/S")) * 1e9 / GB,  # decimal GB/s
     )
     plans = plan(cfg, hw)
     if args.json:
@@ -79,6 +91,8 @@ def main(argv: list[str]) -> int:
                 "fits": p.fits,
                 "fits_ckpt": p.fits_ckpt,
                 "tokens_per_s": p.tokens_per_s if p.fits or p.fits_ckpt else None,
+                "checkpoint_gb_per_rank": p.checkpoint_per_rank / GB,
+                "save_s": p.save_s,
             }
             for p in plans
         ]
@@ -88,11 +102,14 @@ def main(argv: list[str]) -> int:
                     "layouts": rows,
                     "suggested": choice.layout.name if choice else None,
                     "activation_checkpointing": choice.checkpointing if choice else None,
+                    "warnings": save_warnings(plans, args.save_timeout),
                 }
             )
         )
     else:
         print(format_plans(plans, hw, count_parameters(cfg.model)))
+        for line in save_warnings(plans, args.save_timeout):
+            print(line)
     return 0
 
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build a tokenized corpus across SLURM nodes: one MPI rank per task (mpi4py over srun's PMI), each rank
-# running --workers processes. Ranks split the input files, exchange dedup signatures, rank 0 writes the output.
-# The output directory must be on a filesystem every node sees (it holds the ranks' temporary files too).
+# running --workers processes. Ranks split the input files, deduplicate sharded (hashes and LSH band keys go to
+# their owner ranks), and every rank writes its own shards; rank 0 writes the manifest last.
+# The output directory (and --tmp-dir, if given) must be on a filesystem every node sees: it holds the ranks'
+# temporary files, which the other ranks read. --memory-per-rank caps each rank (default: half the node's memory
+# divided by the ranks on it); past it the dedup stages spill to disk.
 #
 #   sbatch slurm/build_data.sh --input /data/raw --output /data/tokens [more build.py options]
 #   INPUT="/data/raw /data/more" OUTPUT=/data/tokens sbatch --nodes=8 slurm/build_data.sh
@@ -27,6 +30,11 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 WORKERS=${WORKERS:-${SLURM_CPUS_PER_TASK:-1}}
 SRUN_MPI=${SRUN_MPI:-pmi2}
+# The mpich wheel's UCX netmod publishes worker addresses longer than SLURM pmi2's value limit once two or
+# more ranks share a node (seen: "mpi/pmi2: value not properly terminated", then a UCX address assertion);
+# its OFI netmod's addresses fit. The build's MPI traffic is small, so the transport costs nothing here.
+# A value already set (e.g. a site MPI's) wins.
+export MPIR_CVAR_CH4_NETMOD=${MPIR_CVAR_CH4_NETMOD:-ofi}
 
 args=(--workers "$WORKERS")
 if [ -n "${INPUT:-}" ]; then

@@ -18,6 +18,8 @@
 #   TRAIN_SCRIPT    entry point, relative to REPO_DIR            (launch/train.py)
 #   RDZV_PORT       c10d rendezvous port on the first node       (29500)
 #   SAVE_TIMEOUT_S  how long torchrun lets the trainer save after a signal before SIGKILL (100)
+#   GPU_MEM         memory per GPU the start-up dry run checks the layout against  (80GB)
+#   DRY_RUN         1: run launch/train.py --dry-run at the job's shape before srun; 0: skip  (1)
 #   SRUN_ARGS       extra srun flags, e.g. pyxis: "--container-image=gptforge.sqsh --container-mounts=..."
 #   LAUNCH_PREFIX   command put before python, e.g. "apptainer exec --nv gptforge.sif"
 #
@@ -48,6 +50,8 @@ PYTHON=${PYTHON:-python3}
 TRAIN_SCRIPT=${TRAIN_SCRIPT:-launch/train.py}
 RDZV_PORT=${RDZV_PORT:-29500}
 SAVE_TIMEOUT_S=${SAVE_TIMEOUT_S:-100}
+GPU_MEM=${GPU_MEM:-80GB}
+DRY_RUN=${DRY_RUN:-1}
 read -r -a srun_args <<< "${SRUN_ARGS:-}"
 read -r -a launch_prefix <<< "${LAUNCH_PREFIX:-}"
 read -r -a overrides <<< "${OVERRIDES:-}"
@@ -83,6 +87,14 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SAVE_TIMEOUT_S
 
 echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nnodes node(s) x $GPUS_PER_NODE" \
      "process(es), rendezvous $head_node:$RDZV_PORT, config $CONFIG ${overrides[*]}"
+
+# Every start-up check (config, data manifest, batch plan, layout, memory per GPU) at the job's real shape,
+# here on the batch host in seconds, before srun starts a process on any node.
+if [ "$DRY_RUN" = 1 ]; then
+    "${launch_prefix[@]}" "$PYTHON" launch/train.py --config "$CONFIG" "${overrides[@]}" --dry-run \
+        --world-size $((nnodes * GPUS_PER_NODE)) --gpus-per-node "$GPUS_PER_NODE" --gpu-mem "$GPU_MEM" || {
+        rc=$?; echo "[$(date -Is)] dry run failed (status $rc): nothing was started" >&2; exit "$rc"; }
+fi
 
 srun_pid=""
 requeue=0

@@ -141,3 +141,25 @@ def megatron_documents(prefix: Path) -> list[np.ndarray]:
         data[p // itemsize : p // itemsize + n]
         for p, n in zip(pointers.tolist(), lengths.tolist(), strict=True)
     ]
+
+
+def synthetic_corpus(path: Path, documents: int, words: int = 50, seed: int = 0) -> Path:
+    """`documents` distinct short documents (runs of the shared texts' words, 30% replaced at random) plus 5%
+    exact and 5% near copies (one word changed) of random earlier ones, as one JSONL file."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array(
+        (shared_text("grimm_tales.txt") + shared_text("tinyshakespeare.txt")).split(), dtype=object
+    )
+    docs = []
+    for _ in range(documents):
+        k = int(rng.integers(0, len(vocab) - words))
+        w = vocab[k : k + words].copy()
+        swap = rng.random(words) < 0.3
+        w[swap] = vocab[rng.integers(0, len(vocab), int(swap.sum()))]
+        docs.append(" ".join(w))
+    for _ in range(documents // 20):
+        docs.append(docs[int(rng.integers(0, documents))])
+        w = docs[int(rng.integers(0, documents))].split(" ")
+        w[int(rng.integers(1, words - 1))] = "lantern"
+        docs.append(" ".join(w))
+    return write_jsonl(path, [{"text": d} for d in docs])

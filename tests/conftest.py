@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -42,11 +42,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run_group(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
-    """Run `cmd` (output captured) in its own process group, from the repository root; on timeout the
-    whole group is killed, so no orphaned ranks outlive a hung multi-process test."""
+    """Run `cmd` (output captured) from the repository root; on timeout every process it started is
+    killed, so no orphaned rank outlives a hung multi-process test and holds its output pipes open.
+
+    torchrun starts each worker in a session of its own (and a dead launcher leaves them to init), so the
+    process group alone does not reach them: every descendant carries a marker in its environment."""
+    marker = uuid.uuid4().hex
     proc = subprocess.Popen(
         cmd,
-        env=subprocess_env(**env),
+        env=subprocess_env(**env, GPTFORGE_TEST_RUN=marker),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -56,9 +60,21 @@ def run_group(cmd: list[str], timeout: float, **env: str) -> subprocess.Complete
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_marked(marker)
         out, err = proc.communicate()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_marked(marker: str) -> None:
+    """SIGKILL every process whose environment has GPTFORGE_TEST_RUN=marker."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("GPTFORGE_TEST_RUN") == marker:
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -56,12 +56,18 @@ DROPOUT = {
     "tp2_dropout": (2, ["parallel.tp=2", "model.dropout=0.2"]),
     "tp2_dropout_ckpt": (2, ["parallel.tp=2", "model.dropout=0.2", "parallel.activation_checkpointing=true"]),
 }
-# (source layout, target name, processes, overrides of the target): issue 7's layout changes
+# sources of layout changes only (not compared with one process on their own)
+SOURCES: dict[str, tuple[int, list[str]]] = {
+    "zero3_dp4": (4, ["parallel.zero_stage=3", "train.micro_batch_size=2"]),
+}
+# (source layout, target name, processes, overrides of the target): issue 7's layout changes, and issue 13's
 CHANGES: list[tuple[str, str, int, list[str]]] = [
     ("tp2", "one", 1, []),
     ("pp2", "dp2", 2, []),
     ("zero3", "zero1_one", 1, ["parallel.zero_stage=1"]),
     ("tp2xpp2", "dp4", 4, ["train.micro_batch_size=2"]),
+    ("zero3_dp4", "tp2xpp2", 4, ["parallel.tp=2", "parallel.pp=2"]),
+    ("dp2", "zero2_dp4", 4, ["parallel.zero_stage=2", "train.micro_batch_size=2"]),
 ]
 
 
@@ -116,17 +122,26 @@ def _truncated_copy(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
-def build_runs(root: Path) -> Runs:
+def build_runs(
+    root: Path,
+    common: list[str] = COMMON,
+    layouts: dict[str, tuple[int, list[str]]] = LAYOUTS,
+    others: dict[str, tuple[int, list[str]]] | None = None,
+    changes: list[tuple[str, str, int, list[str]]] = CHANGES,
+) -> Runs:
+    """Train `layouts` (each also resumed from step SAVED), `others` (default DROPOUT and SOURCES) and the
+    layout `changes` on one model (`common` overrides), and the serial reference."""
+    others = {**DROPOUT, **SOURCES} if others is None else others
     data = sentencepiece_data(root / "sp", vocab_size=400, chars=100_000)
-    config = write_config(root / "base.yaml", data, root / "unused", *COMMON)
+    config = write_config(root / "base.yaml", data, root / "unused", *common)
     logs: dict[int, str] = {}
 
     def runs_for(nproc: int) -> list[tuple[list[str], str]]:
         todo = []
-        for name, (n, overrides) in {**LAYOUTS, **DROPOUT}.items():
+        for name, (n, overrides) in {**layouts, **others}.items():
             if n == nproc:
                 todo.append(([*overrides, f"run.dir={root / name}"], "none"))
-        for name, (n, overrides) in LAYOUTS.items():  # the same layout, resumed from step 3
+        for name, (n, overrides) in layouts.items():  # the same layout, resumed from step 3
             if n == nproc:
                 todo.append(
                     (
@@ -134,8 +149,8 @@ def build_runs(root: Path) -> Runs:
                         str(root / name / "checkpoints" / f"step_{SAVED}"),
                     )
                 )
-        for source, target, n, overrides in CHANGES:
-            if n == nproc and LAYOUTS[source][0] == nproc:  # both ends fit this launch
+        for source, target, n, overrides in changes:
+            if n == nproc:  # a source of fewer processes was trained by an earlier launch
                 todo.append(
                     (
                         [*overrides, f"run.dir={root / f'{source}-to-{target}'}"],
@@ -148,7 +163,7 @@ def build_runs(root: Path) -> Runs:
     logs[4] = _worker(root, config, 4, runs_for(4))
     one = [sys.executable, TRAIN, "--config", str(config)]
     logs[1] = _launch([*one, f"run.dir={root / 'serial'}", "--resume", "none"])
-    for source, target, n, overrides in CHANGES:  # one process, through launch/train.py --resume auto
+    for source, target, n, overrides in changes:  # one process, through launch/train.py --resume auto
         if n == 1:
             run_dir = _truncated_copy(root / source, root / f"{source}-to-{target}", SAVED)
             logs[1] += _launch([*one, *overrides, f"run.dir={run_dir}", "--resume", "auto"])
@@ -184,7 +199,7 @@ def rel(a: float, b: float) -> float:
 
 
 def weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
-    from gptforge.train.checkpoint import load_checkpoint_weights
+    from gptforge.checkpoint_format import load_checkpoint_weights
 
     return load_checkpoint_weights(run_dir / "checkpoints" / f"step_{step}")[1]
 

@@ -14,7 +14,7 @@ from test_build_output import opts
 
 from data_pipeline import run_build as build
 from data_pipeline import textfeatures
-from data_pipeline.dedup_minhash import MinHasher, NearDedup, lsh_params
+from data_pipeline.dedup_minhash import MinHasher, bucket_pairs, lsh_params, near_groups
 
 M64 = (1 << 64) - 1
 
@@ -96,9 +96,18 @@ def test_union_find_chains_keep_the_first():
     c = b.copy()
     c[8:16] += 1000  # J(b, c) = 0.92, J(a, c) = 0.84
     d = base + 5000  # unrelated
-    near = NearDedup(threshold=0.9, num_perm=100)
-    assert near.run(np.stack([a, d, b, c]), [1, 1, 1, 1]) == [-1, -1, 0, 0]
-    assert near.stats.removed["near_duplicate"] == 2
+    assert near_groups(np.stack([a, d, b, c]), threshold=0.9, num_perm=100) == [-1, -1, 0, 0]
+
+
+def test_bucket_pairs_all_pairs_in_small_buckets_star_and_chain_in_large():
+    keys = np.array([1, 1, 1, 2, 3, 3], dtype=np.uint64)
+    u, v = bucket_pairs(keys, np.array([10, 11, 12, 13, 14, 15]))
+    assert sorted(zip(u.tolist(), v.tolist(), strict=True)) == [(10, 11), (10, 12), (11, 12), (14, 15)]
+    big = np.arange(40)
+    u, v = bucket_pairs(np.zeros(40, dtype=np.uint64), big)
+    pairs = set(zip(u.tolist(), v.tolist(), strict=True))
+    assert {(0, i) for i in range(1, 40)} <= pairs and {(i, i + 1) for i in range(39)} <= pairs
+    assert len(pairs) == 39 + 38
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +189,43 @@ def test_batch_signatures_equal_one_document_at_a_time():
             np.array_equal(h[0], textfeatures.word_hashes(t.encode())[0])
             for h, t in zip(hashes, batch, strict=True)
         )
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    """Originals; near copies at 5-gram Jaccard 0.85-0.97; hard negatives at Jaccard 0.5-0.65 (share many
+    shingles, so they collide in LSH bands often, but are not duplicates at the 0.8 threshold)."""
+    tmp = tmp_path_factory.mktemp("hard")
+    rng = random.Random(23)
+    docs = chunk_documents(shared_text("grimm_tales.txt"), words=400) + chunk_documents(
+        shared_text("tinyshakespeare.txt"), words=400
+    )
+    near, negatives = {}, {}
+    recs = [{"id": f"orig{i}", "text": t} for i, t in enumerate(docs)]
+    for k, i in enumerate(rng.sample(range(len(docs)), 240)):
+        lo, hi, edits = (0.85, 0.97, 2) if k % 2 else (0.5, 0.65, 20)
+        while True:
+            copy = near_copy(docs[i], rng, edits=edits)
+            j = jaccard(docs[i], copy)
+            if lo <= j <= hi:
+                break
+            edits = max(1, edits + (1 if j > hi else -1))
+        (near if k % 2 else negatives)[f"copy{k}"] = f"orig{i}"
+        recs.append({"id": f"copy{k}", "text": copy})
+    src = write_jsonl(tmp / "docs.jsonl", recs)
+    out = tmp / "out"
+    build(opts([src], out, filters="none"))
+    removed = {
+        json.loads(line)["id"]: json.loads(line) for line in (out / "removed.jsonl").read_text().splitlines()
+    }
+    return near, negatives, removed
+
+
+def test_near_recall_and_precision_with_hard_negatives_kept(hard):
+    near, negatives, removed = hard
+    found = {k: r["duplicate_of"] for k, r in removed.items() if r["reason"] == "near_duplicate"}
+    true_pos = [k for k in found if k in near]
+    assert len(true_pos) / len(near) >= 0.97
+    assert len(true_pos) / len(found) >= 0.99
+    assert all(found[k] == near[k] for k in true_pos)
+    assert sum(k in removed for k in negatives) <= 0.01 * len(negatives)  # hard negatives are kept

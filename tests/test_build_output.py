@@ -1,5 +1,5 @@
-"""Corpus pipeline output (CONTRACTS §2): CLI, manifest, Megatron-readable shards holding exactly the kept
-documents, val split."""
+"""Corpus pipeline output (the format of the README's "Corpus pipeline"): CLI, manifest, Megatron-readable
+shards holding exactly the kept documents, val split."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from build_helpers import (
 
 from data_pipeline import BuildOptions
 from data_pipeline import run_build as build
-from data_pipeline.writer import ShardSeries, in_val, tail_cut
-from gptforge.data.format import open_shard, read_index, read_manifest, verify_shard
-from gptforge.tokenizer import get_tokenizer
+from data_pipeline.output import clean
+from data_pipeline.writer import PIECE, ShardFile, assign_shards, in_val, name_width, shard_name, tail_cut
+from gptforge.data.format import file_sha256, open_shard, read_index, read_manifest, verify_shard
+from gptforge.tokenizer import get_tokenizer, tokenizer_from_manifest
 
 OPTIONS = [
     "--input",
@@ -45,6 +46,8 @@ OPTIONS = [
     "--on-error",
     "--overwrite",
     "--no-progress",
+    "--memory-per-rank",
+    "--tmp-dir",
 ]
 
 
@@ -179,10 +182,11 @@ def test_shards_roll_at_token_count(tmp_path):
 
 def test_int32_shards_for_large_vocabularies(tmp_path):
     """MMIDIDX has no uint32: a vocabulary past 65536 is stored as int32 (dtype code 4)."""
-    series = ShardSeries(tmp_path, "train", "int32", shard_tokens=10)
+    shard = ShardFile(tmp_path, "train-00000", "int32")
     docs = [np.array([70000, 5, 99999], dtype=np.int64), np.array([100000, 1], dtype=np.int64)]
-    series.add(np.concatenate(docs), np.array([3, 2]))
-    info = series.close()
+    shard.write(np.concatenate(docs))
+    shard.add_lengths(np.array([3, 2]))
+    info = shard.close()
     assert info.documents == 2 and info.tokens == 5
     assert read_index(tmp_path / "train-00000.idx").dtype == "int32"
     got = megatron_documents(tmp_path / "train-00000")
@@ -196,7 +200,7 @@ def test_tail_cut_keeps_a_token_on_both_sides():
     assert tail_cut(np.array([2]), 0.5) == 0  # too short to split: all of it
 
 
-def test_sentencepiece_tokenizer(tmp_path):
+def test_sentencepiece_tokenizer(tmp_path, monkeypatch):
     from gptforge.tokenizer import train_sentencepiece
 
     model = train_sentencepiece([CORPORA / "grimm_tales.txt"], tmp_path / "sp", vocab_size=400)
@@ -209,3 +213,41 @@ def test_sentencepiece_tokenizer(tmp_path):
     assert m.tokenizer["vocab_size"] == 400 and m.tokenizer["sha256"]
     tok = get_tokenizer(f"sentencepiece:{model}")
     assert [tok.decode(d[:-1].tolist()) for d in split_docs(out, "train")] == docs
+    # the model travels with the build: a moved build directory finds it from any working directory
+    assert m.tokenizer["model"] == "tokenizer.model"
+    assert m.tokenizer["sha256"] == tok.model_sha256 == file_sha256(out / "tokenizer.model")
+    moved = shutil.move(out, tmp_path / "elsewhere" / "data")
+    model.unlink()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = tokenizer_from_manifest(read_manifest(moved).tokenizer, moved)
+    assert again.encode(docs[0]) == tok.encode(docs[0]) and again.model_sha256 == tok.model_sha256
+
+
+def test_shard_placement_relayed_across_ranks_equals_one_pass():
+    """Each rank places its pieces from the state the rank before it passed on: the same shards as one pass."""
+    lengths = np.random.default_rng(0).integers(1, 300, 500)
+    whole = np.zeros(len(lengths), dtype=PIECE)
+    whole["n"] = lengths
+    end = assign_shards(whole, (0, 0), 1000)
+    for shard in range(end[0]):  # whole documents; closed at the first document reaching the limit
+        sizes = lengths[whole["shard"] == shard]
+        assert sizes.sum() >= 1000 and sizes.sum() - sizes[-1] < 1000
+    for cuts in ([100, 101, 400], [0, 250, 250, 499]):
+        parts = [p.copy() for p in np.split(whole, cuts)]
+        state = (0, 0)
+        for p in parts:
+            state = assign_shards(p, state, 1000)
+        assert np.concatenate(parts)["shard"].tolist() == whole["shard"].tolist() and state == end
+
+
+def test_shard_names_sort_past_a_million_and_are_cleaned_up(tmp_path):
+    width = name_width(1_000_001)
+    names = [shard_name("train", i, width) for i in (0, 99_999, 100_000, 1_000_000)]
+    assert names == sorted(names) and names[-1] == "train-1000000"
+    assert shard_name("val", 7, name_width(100_000)) == "val-00007"  # five digits up to 100,000 shards
+    for name in names:
+        (tmp_path / f"{name}.bin").write_bytes(b"")
+        (tmp_path / f"{name}.idx").write_bytes(b"")
+    (tmp_path / "notes-1000000.bin").write_bytes(b"mine")
+    clean(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes-1000000.bin"]

@@ -57,6 +57,20 @@ def test_every_format_in_sorted_path_order(tmp_path):
     assert texts == TEXTS
 
 
+def test_upper_case_suffixes_are_decompressed_too(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "A.TXT.GZ").write_bytes(gzip.compress(TEXTS[0].encode()))
+    (d / "B.Txt.Zst").write_bytes(zstandard.ZstdCompressor().compress(TEXTS[1].encode()))
+    write_jsonl(d / "C.JSONL.GZ", [{"text": TEXTS[2]}], compress=True)
+    (d / "D.JSONL.ZST").write_bytes(
+        zstandard.ZstdCompressor().compress((json.dumps({"text": TEXTS[3]}) + "\n").encode())
+    )
+    assert all(s.compressed for s in expand_inputs([str(d)]))
+    texts, removed = build_kept(tmp_path, [d])
+    assert texts == TEXTS[:4] and removed == []
+
+
 def test_ids_paths_as_given_and_id_fields(tmp_path):
     src = write_jsonl(
         tmp_path / "x.jsonl", [{"text": TEXTS[0], "id": 7}, {"text": "   "}, {"text": TEXTS[1]}]

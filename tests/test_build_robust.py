@@ -11,7 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from build_helpers import BUILD, ROOT, chunk_documents, output_bytes, run_build, shared_text, write_jsonl
+from build_helpers import (
+    BUILD,
+    ROOT,
+    chunk_documents,
+    output_bytes,
+    run_build,
+    shared_text,
+    synthetic_corpus,
+    write_jsonl,
+)
 from conftest import subprocess_env
 
 
@@ -88,7 +97,7 @@ def test_everything_filtered_is_an_error_without_manifest(tmp_path):
     assert len((out / "removed.jsonl").read_text().splitlines()) == 3
 
 
-@pytest.mark.parametrize("phase", ["text-00000.bin", "tokens-00000.bin"])
+@pytest.mark.parametrize("phase", ["tokens-00000.bin", "stage-scan-00000.json"])
 def test_kill_9_then_rerun_gives_identical_bytes(tmp_path, phase):
     """SIGKILL a real build while it scans / tokenizes; the re-run's output equals an uninterrupted build."""
     docs = chunk_documents(shared_text("tinyshakespeare.txt"), words=300)
@@ -125,4 +134,39 @@ def test_kill_9_then_rerun_gives_identical_bytes(tmp_path, phase):
     assert proc.wait() == -signal.SIGKILL, "the build finished before it could be killed"
     assert not (out / "manifest.json").exists()
     run_build(*args, "--output", str(out))
+    assert output_bytes(out) == output_bytes(ref)
+
+
+def test_killed_late_in_the_scan_resumes_from_its_last_commit(tmp_path):
+    """SIGKILL at ~80% of the scan: the re-run keeps the committed batches, scans only the rest, and gives the
+    bytes of an uninterrupted build."""
+    src = synthetic_corpus(tmp_path / "docs.jsonl", 40_000)
+    args = ["--input", str(src), "--workers", "1", "--filters", "none", "--no-progress"]
+    ref = tmp_path / "ref"
+    run_build(*args, "--output", str(ref))
+    batches = json.loads((ref / "manifest.json").read_text())["stats"]["input_documents"] / 2000  # BATCH_DOCS
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(BUILD), *args, "--output", str(out)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    commit = out / ".build" / "scan-00000.json"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None:
+        assert time.monotonic() < deadline
+        try:
+            if json.loads(commit.read_text())["batches"] >= 0.7 * batches:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the build finished before it could be killed"
+    done = json.loads(commit.read_text())
+    assert not done["done"] and done["batches"] >= 0.7 * batches
+    rerun = run_build(*args, "--output", str(out))
+    assert f"resuming the scan after {done['batches']} committed batches" in rerun.stderr
     assert output_bytes(out) == output_bytes(ref)

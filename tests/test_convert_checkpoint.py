@@ -101,13 +101,11 @@ def test_refusals(runs, tmp_path):
     (out / "x").write_text("x")
     result = convert("--checkpoint", str(runs.dir("tp2")), "--output", str(out))
     assert result.returncode == 2 and "exists and is not empty" in result.stderr
-    # a tp checkpoint without universal/ (DeepSpeed's tp shards alone are not a model): said so
+    # a checkpoint missing one rank's fragments: said so, nothing written
     bare = tmp_path / "bare"
     shutil.copytree(runs.dir("tp2") / "checkpoints" / f"step_{STEPS}", bare)
-    shutil.rmtree(bare / "universal")
+    (bare / "rank_00001.safetensors").unlink()
     result = convert("--checkpoint", str(bare), "--output", str(tmp_path / "o"))
     assert result.returncode == 2
-    assert (
-        "universal/ missing, and DeepSpeed's files of this layout (tp 2, pp 1, ZeRO-0) hold no whole model"
-        in (result.stderr)
-    )
+    assert "rank_00001.safetensors: No such file or directory (an incomplete checkpoint?)" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -18,7 +18,6 @@ from gptforge.data.format import read_manifest
 from gptforge.evaluate import choice_examples, join, mean_log_likelihood
 from gptforge.finetune.data import Row
 from gptforge.tokenizer import tokenizer_from_manifest
-from gptforge.train.engine import cpu_supports_bf16
 from gptforge.weights import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -66,9 +65,6 @@ def test_loss_equals_the_trainers_val_loss_exactly(fp32_run, data):
     assert sum(loss * n for loss, n in losses) / 8 == pytest.approx(result["loss"], rel=1e-6)
 
 
-@pytest.mark.skipif(
-    not cpu_supports_bf16(), reason="this CPU has no native bf16: train.precision=bf16 is refused here"
-)
 def test_loss_equals_the_trainers_val_loss_in_bf16(data, tmp_path):
     run_dir = trained(tmp_path, data, "train.precision=bf16")
     logged = metrics(run_dir)[1][-1]

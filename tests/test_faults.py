@@ -1,7 +1,7 @@
 """Faults a cluster job meets, with real processes and real `kill -9`: a rank dies mid-run (the job must
 fail fast, not hang until a collective times out, and `--resume auto` must continue from the last
 complete checkpoint), and the trainer dies while a checkpoint is being written (the half-written
-checkpoint must be ignored on resume)."""
+checkpoint must be ignored on resume, and the previous one resume bit for bit)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,10 @@ def test_kill9_of_one_rank_fails_fast_then_resume_continues(data, tmp_path):
     assert [r["step"] for r in metrics(run_dir)[0]] == list(range(1, 15))
 
 
-def test_kill9_during_checkpoint_write_is_ignored_on_resume(data, tmp_path):
+@pytest.mark.parametrize("async_save", ["true", "false"])
+def test_kill9_during_checkpoint_write_is_ignored_on_resume(data, tmp_path, async_save):
+    """Killed while a checkpoint is written (in the background, or in the loop's time): `latest` still
+    names the previous one, which resumes bit for bit; the half-written one is removed."""
     run_dir = tmp_path / "run"
     # A model whose checkpoint takes long enough to write that a poll catches it half-done.
     cfg = write_config(
@@ -138,6 +141,7 @@ def test_kill9_during_checkpoint_write_is_ignored_on_resume(data, tmp_path):
         "train.save_interval=1",
         "train.keep_last=2",
         "train.eval_interval=100",
+        f"train.async_save={async_save}",
     )
     log = tmp_path / "first.log"
     proc = _start(train_cmd(cfg, resume="none"), log)
@@ -156,10 +160,14 @@ def test_kill9_during_checkpoint_write_is_ignored_on_resume(data, tmp_path):
     half_step = int(half[0].name.split("_")[1].split(".")[0])
     latest = (ckpts / "latest").read_text().strip()
     assert latest != f"step_{half_step}" and int(latest.split("_")[1]) < half_step
+    first = losses(run_dir)  # every step the killed run logged (the writer runs beside the steps)
 
     result = run(train_cmd(cfg, resume="auto"), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"resumed from {ckpts / latest} (step" in result.stderr
+    resumed_from = int(latest.split("_")[1])
+    recomputed = [s for s in first if s > resumed_from]
+    assert recomputed and all(losses(run_dir)[s] == first[s] for s in recomputed)  # bitwise
     assert not list(ckpts.glob("*.tmp")), "the half-written checkpoint was not cleaned up"
     assert (ckpts / "latest").read_text().strip() == "step_40"
     assert [r["step"] for r in metrics(run_dir)[0]] == list(range(1, 41))

@@ -25,8 +25,9 @@ from finetune_helpers import (
 from train_helpers import run
 
 from gptforge.config import ModelConfig
+from gptforge.data.order import SampleOrder
 from gptforge.finetune.classify import GPTClassifier, classify_examples, label_set
-from gptforge.finetune.data import ExampleOrder, Row, balanced_weights
+from gptforge.finetune.data import Row, balanced_weights
 from gptforge.hf import from_hf
 from gptforge.tokenizer import get_tokenizer
 from gptforge.train.checkpoint import load_checkpoint_weights, read_meta, resolve
@@ -177,12 +178,12 @@ def test_truncation_keeps_the_start_and_counts():
 
 def test_class_balanced_sampling():
     labels = [0] * 900 + [1] * 100
-    balanced = ExampleOrder(1000, seed=3, weights=balanced_weights(labels))
+    balanced = SampleOrder(1000, seed=3, weights=balanced_weights(labels))
     drawn = np.array(labels)[balanced.positions(0, 20_000)]
     assert abs(drawn.mean() - 0.5) < 0.02  # ~50 % minority class instead of 10 %
-    again = ExampleOrder(1000, seed=3, weights=balanced_weights(labels))
+    again = SampleOrder(1000, seed=3, weights=balanced_weights(labels))
     assert np.array_equal(again.positions(5000, 300), balanced.positions(5000, 300))  # f(seed, epoch)
-    plain = ExampleOrder(1000, seed=3)
+    plain = SampleOrder(1000, seed=3)
     assert sorted(plain.positions(1000, 1000)) == list(range(1000))  # an epoch is a permutation
     assert abs(np.array(labels)[plain.positions(0, 20_000)].mean() - 0.1) < 1e-12
 
@@ -200,7 +201,7 @@ def test_balanced_run_logs_it(data, tmp_path):
     lengths = np.array([len(tok.encode(r["text"])) for r in rows])
     labels = [0 if r["label"] == "neg" else 1 for r in rows]
     tokens = {r["step"]: r["tokens"] for r in metric_lines(tmp_path / "run") if "loss" in r}
-    balanced = ExampleOrder(len(rows), seed, balanced_weights(labels))
-    plain = ExampleOrder(len(rows), seed)
+    balanced = SampleOrder(len(rows), seed, weights=balanced_weights(labels))
+    plain = SampleOrder(len(rows), seed)
     assert tokens[1] == lengths[balanced.positions(0, 16)].sum() != lengths[plain.positions(0, 16)].sum()
     assert tokens[2] == lengths[balanced.positions(0, 32)].sum()

@@ -10,7 +10,6 @@ from train_helpers import write_build
 
 from gptforge.data.format import read_manifest
 from gptforge.data.loader import (
-    TrainBatches,
     WindowDataset,
     check_tokenizer,
     eval_batches,
@@ -18,6 +17,7 @@ from gptforge.data.loader import (
     shards_to_verify,
     verify_shards,
 )
+from gptforge.data.order import RankBatches
 from gptforge.errors import DataError
 
 TOK = {"name": "synthetic", "vocab_size": 1000, "eot_id": 999}
@@ -68,12 +68,12 @@ def test_data_parallel_ranks_take_slices_of_the_same_global_batch(build, dp, acc
     manifest, _, _ = build
     data = WindowDataset(manifest, "train", 8, seed=3)
     global_batch = 2 * accum * dp
-    single = TrainBatches(data, global_batch, 1, 0, 1)
+    single = RankBatches(data, global_batch, 1, 0, 1)
     for consumed in (0, global_batch * 5, len(data) - 3):  # the last one spans an epoch boundary
         whole = next(single.step(consumed))[0]
         parts = []
         for r in range(dp):
-            ranks = TrainBatches(data, 2, accum, r, dp)
+            ranks = RankBatches(data, 2, accum, r, dp)
             micro = list(ranks.step(consumed))
             assert len(micro) == accum and all(x.shape[0] == 2 for x, _ in micro)
             parts += [x for x, _ in micro]
@@ -121,8 +121,12 @@ def test_truncated_shard_is_refused(build):
     path.write_bytes(path.read_bytes()[:-6])
     problems = verify_shards(manifest, [shard])
     assert len(problems) == 1 and "truncated or corrupt" in problems[0]
-    with pytest.raises(DataError, match="truncated or corrupt"):
-        WindowDataset(manifest, "train", 8, seed=0)
+    # found when read (nothing is opened at start-up): the error names the shard and the missing offset
+    data = WindowDataset(manifest, "train", 8, seed=0)
+    with pytest.raises(
+        DataError, match=rf"shard .*{shard.bin} is truncated or corrupt.* from offset {shard.tokens - 3}"
+    ):
+        data.window(0)
 
 
 def test_tokenizer_and_vocab_mismatch_refused(build):
@@ -143,7 +147,7 @@ def test_missing_split_and_too_short_split(build, tmp_path):
     data = WindowDataset(tiny, "train", 8, seed=0)
     assert len(data) == 0
     with pytest.raises(DataError, match="not one window"):
-        TrainBatches(data, 1, 1, 0, 1)
+        RankBatches(data, 1, 1, 0, 1)
 
 
 def test_eval_batches_are_fixed_and_shared_by_ranks(build):

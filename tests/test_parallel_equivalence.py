@@ -88,20 +88,26 @@ def test_layout_and_stages_are_logged(runs):
     assert "stage 1: layers 2-2 (+ ln_f, head), ranks 2,3" in log
 
 
-def test_checkpoints_hold_deepspeed_shards_and_universal_files(runs):
+def test_checkpoints_hold_each_ranks_fragments_and_one_index(runs):
+    """Every rank writes one fragment file (nothing of DeepSpeed's own format, no consolidated copy), and
+    the index covers every element of every tensor exactly once, whatever the layout."""
+    from gptforge.checkpoint_format import Checkpoint
+
     def files(layout: str) -> set[str]:
         step = runs.dir(layout) / "checkpoints" / f"step_{STEPS}"
         return {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file()}
 
-    tp = files("tp2")
-    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "rng_rank1.pt"} <= tp
-    assert {
-        "universal/model-00001-of-00001.safetensors",
-        "universal/optimizer-00001-of-00001.safetensors",
-    } <= tp
-    pp = files("tp2xpp2")
-    assert {"layer_00-model_00-model_states.pt", "layer_05-model_01-model_states.pt"} <= pp  # layer, tp rank
-    assert {
-        f"universal/{k}-0000{s}-of-00002.safetensors" for k in ("model", "optimizer") for s in (1, 2)
-    } <= pp
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files("zero3")
+    for layout, (nproc, _) in LAYOUTS.items():
+        ranks = {f"rank_{r:05d}.safetensors" for r in range(nproc)} | {
+            f"rng_rank{r}.pt" for r in range(nproc)
+        }
+        assert files(layout) == ranks | {"checkpoint.json", "index.json"}, layout
+        with Checkpoint(runs.dir(layout) / "checkpoints" / f"step_{STEPS}") as ckpt:
+            for name, entry in ckpt.tensors.items():
+                by_shard: dict[tuple[int, int], int] = {}
+                for f in entry.fragments:
+                    by_shard[(f.tp_rank, f.tp)] = by_shard.get((f.tp_rank, f.tp), 0) + f.stop - f.start
+                tp = {t for _, t in by_shard}
+                assert len(tp) == 1 and len(by_shard) == next(iter(tp)), (layout, name, by_shard)
+                if tp == {1}:  # written once: ZeRO ranges or one replica, never twice
+                    assert by_shard[(0, 1)] == entry.numel, (layout, name)

@@ -1,6 +1,6 @@
 """The pieces that wire a layout into the trainer, without processes: which layouts the trainer accepts,
 DeepSpeed's config for ZeRO and offload, weight decay and the gradient norm under tensor/pipeline
-parallelism, block recomputation, and the universal checkpoint files."""
+parallelism, block recomputation, and the old (format-1) universal checkpoint files."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from gptforge.config import ModelConfig, load_config
 from gptforge.errors import CheckpointError, ConfigError
 from gptforge.model import GPT
 from gptforge.model.tensor_parallel import VocabParallelEmbedding
-from gptforge.parallel import universal
 from gptforge.parallel.parallelize import checkpoint_blocks, counts_in_grad_norm
-from gptforge.train.engine import check_layout, deepspeed_config, plan_batch
+from gptforge.train.batch import plan_batch
+from gptforge.train.distributed import check_layout
+from gptforge.train.engine import deepspeed_config
 from gptforge.train.optim import AdamW, param_groups
 
 
@@ -124,20 +125,25 @@ def test_recomputed_blocks_give_the_same_gradients():
         assert torch.equal(recomputed(idx)[0], plain(idx)[0])
 
 
-def test_universal_files_must_be_complete(tmp_path):
+def test_old_universal_files_must_be_complete(tmp_path):
+    """Format-1 checkpoints (DeepSpeed's files + universal/) stay readable for their weights."""
+    import dataclasses
+    import json
+
     from safetensors.torch import save_file
 
+    from gptforge import checkpoint_format as fmt
+
     cfg = ModelConfig(n_layer=1, n_head=2, d_model=8, context_length=8, vocab_size=16)
-    assert not universal.has_universal(tmp_path)
-    (tmp_path / universal.UNIVERSAL).mkdir()
+    meta = {"format": fmt.FORMAT, "version": 1, "step": 1, "model": dataclasses.asdict(cfg), "tokenizer": {}}
+    (tmp_path / fmt.META_FILE).write_text(json.dumps(meta))
+    (tmp_path / "universal").mkdir()
     save_file(
         {"transformer.wte.weight": torch.ones(16, 8)},
-        str(tmp_path / universal.UNIVERSAL / "model-00001-of-00002.safetensors"),
+        str(tmp_path / "universal" / "model-00001-of-00002.safetensors"),
     )
-    assert universal.has_universal(tmp_path)
     with pytest.raises(CheckpointError, match="1 model file\\(s\\) for 2 pipeline stage\\(s\\): incomplete"):
-        universal.read_weights(tmp_path, cfg)
-    (tmp_path / universal.UNIVERSAL / "model-00002-of-00002.safetensors").write_bytes(b"garbage")
+        fmt.load_checkpoint_weights(tmp_path)
+    (tmp_path / "universal" / "model-00002-of-00002.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
-        universal.read_weights(tmp_path, cfg)
-    assert universal.read_optimizer(tmp_path) == ({}, 0)  # no optimizer files: fresh AdamW state
+        fmt.load_checkpoint_weights(tmp_path)

@@ -39,14 +39,16 @@ TERMINAL = {
 @pytest.fixture(scope="module")
 def cluster():
     """A fresh cluster for this module; its daemons are stopped by pid afterwards. Skips only when SLURM
-    cannot be installed or run here (not root, no apt)."""
+    cannot be installed or run here (not root, no apt), and never under CI=true: there it fails."""
     # mkdtemp under /tmp, not pytest's tmp_path: munged runs as user `munge` and must traverse the path.
     state = Path(tempfile.mkdtemp(prefix="gptforge-slurm-"))
-    c = SlurmCluster(state)
+    c = SlurmCluster(state, cpus_per_node=2)  # two CPUs: room for the 4-rank build (2 tasks per node)
     try:
         c.start()
     except SlurmUnavailable as exc:
         shutil.rmtree(state, ignore_errors=True)
+        if os.environ.get("CI") == "true":  # CI exists to run these: a skip there would hide a broken install
+            pytest.fail(f"CI=true but no local SLURM cluster could be started: {exc}")
         pytest.skip(f"no local SLURM cluster: {exc}")
     try:
         yield c
@@ -166,7 +168,7 @@ def test_two_fake_nodes_run_one_task_each(cluster, workdir):
 @pytest.mark.slow
 def test_pretrain_script_two_node_rendezvous(cluster, workdir):
     out = workdir / "out"
-    env = job_env(cluster, TRAIN_SCRIPT=STAND_IN, CONFIG="configs/tiny.yaml", SLURM_TEST_OUT=str(out),
+    env = job_env(cluster, TRAIN_SCRIPT=STAND_IN, CONFIG="configs/tiny.yaml", SLURM_TEST_OUT=str(out), DRY_RUN="0",
                   OVERRIDES="train.max_steps=7 optim.lr=1e-3", RUN_DIR=str(workdir / "run"))  # fmt: skip
     job = sbatch(
         cluster, workdir, env, "--nodes=2", "--gpus-per-node=0", "--time=5", str(PRETRAIN), "train.seed=3"
@@ -186,6 +188,24 @@ def test_pretrain_script_two_node_rendezvous(cluster, workdir):
             f"run.dir={workdir / 'run'}", "run.dist_backend=gloo", "--resume", "auto",
         ]  # fmt: skip
     assert f"rendezvous gfnode1:{env['RDZV_PORT']}" in log.read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_pretrain_script_refuses_a_bad_config_before_srun(cluster, workdir, corpus):
+    """The dry run at the job's real shape (2 nodes x 1): a batch that does not divide by the world size
+    fails on the batch host with the trainer's one-line error, and no srun step ever starts."""
+    env = job_env(cluster, CONFIG="configs/tiny.yaml", RUN_DIR=str(workdir / "run"),
+                  OVERRIDES=f"data.path={corpus[1]} train.micro_batch_size=3 train.global_batch_size=3")  # fmt: skip
+    job = sbatch(cluster, workdir, env, "--nodes=2", "--gpus-per-node=0", "--time=5", str(PRETRAIN))
+    log = workdir / "logs" / f"gptforge-pretrain-{job}.out"
+    info = wait_job(cluster, job, 120, log)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("2:"), text
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "3 x 2 = 6" in errors[0], text
+    assert "dry run failed (status 2): nothing was started" in text and "training step exited" not in text
+    assert not (workdir / "run").exists()
 
 
 def _train_lines(metrics: Path) -> list[dict]:
@@ -287,6 +307,31 @@ def test_build_data_script_with_two_tasks_matches_single_process(cluster, workdi
         del m["stats"]["seconds"]  # wall time: the one field that may differ
     assert manifests[0] == manifests[1]
     assert manifests[0]["stats"]["removed"]["exact_duplicate"] > 0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_build_data_script_with_four_tasks_two_per_node_matches_single_process(cluster, workdir, corpus):
+    """Four ranks, two on each node, every rank writing its shards and its part of removed.jsonl into the
+    shared output: the bytes of the one-process build."""
+    inputs, single = corpus
+    out = workdir / "multi4"
+    env = cluster.env(subprocess_env(GPTFORGE_ROOT=str(ROOT), PYTHON=sys.executable))
+    job = sbatch(cluster, workdir, env, "--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+                 str(BUILD_DATA), "--input", str(inputs), "--output", str(out), "--no-progress")  # fmt: skip
+    log = workdir / f"gptforge-build-data-{job}.out"
+    info = wait_job(cluster, job, 300, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert all(f"rank {r}/4" in text for r in range(4)), text
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single.iterdir())
+    for path in sorted(single.iterdir()):
+        if path.name != "manifest.json":
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (single, out)]
+    for m in manifests:
+        del m["stats"]["seconds"]
+    assert manifests[0] == manifests[1]
 
 
 @pytest.mark.slurm

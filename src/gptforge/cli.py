@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -9,24 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gptforge.errors import GptforgeError
+from gptforge.launcher import launched_rank
 
 EXIT_USER_ERROR = 2
-
-
-RANK_VARIABLES = (
-    "RANK",
-    "PMI_RANK",
-    "OMPI_COMM_WORLD_RANK",
-    "SLURM_PROCID",
-)  # torchrun, MPICH, Open MPI, srun
-
-
-def launched_rank() -> int | None:
-    """This process's global rank as its launcher set it; None when started alone."""
-    for var in RANK_VARIABLES:
-        if var in os.environ:
-            return int(os.environ[var])
-    return None
 
 
 def rank_prefix() -> str:
@@ -64,6 +50,12 @@ def setup_logging(level: int = logging.INFO) -> None:
         stream=sys.stderr,
         force=True,
     )
+
+
+def parse_args_anywhere(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse with `section.key=value` overrides allowed before, between and after the options (argparse's
+    plain `parse_args` stops collecting a `nargs="*"` positional at the first option after it)."""
+    return parser.parse_intermixed_args(argv)
 
 
 def output_dir(path: str, overwrite: bool) -> Path:

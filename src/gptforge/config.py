@@ -28,7 +28,10 @@ def _choice(default: str, *choices: str, help: str = "") -> Any:
 
 @dataclass
 class ModelConfig:
-    """GPT-2 shape. `vocab_size` None = taken from the data manifest (or the Hugging Face weights)."""
+    """The decoder's shape; the defaults are GPT-2. `vocab_size` None = taken from the data manifest (or
+    the Hugging Face weights). Llama-style = position_embedding rope, norm rmsnorm, mlp swiglu, bias false,
+    n_kv_head < n_head (grouped-query attention; 1 = multi-query). `ffn_hidden` None = 4 x d_model for
+    gelu, Llama's 8/3 x d_model rounded up to a multiple of 256 for swiglu; `n_kv_head` None = n_head."""
 
     n_layer: int = 12
     n_head: int = 12
@@ -40,17 +43,63 @@ class ModelConfig:
     tie_embeddings: bool = True
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
+    position_embedding: str = _choice("learned", "learned", "sinusoidal", "rope")
+    rope_theta: float = 10000.0
+    norm: str = _choice("layernorm", "layernorm", "rmsnorm")
+    mlp: str = _choice("gelu", "gelu", "swiglu")
+    ffn_hidden: int | None = None
+    n_kv_head: int | None = None
     init_from: str = "scratch"  # scratch | hf:DIR | checkpoint:DIR
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (n_kv_head, or n_head when unset)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_dim(self) -> int:
+        """The MLP's hidden width (`ffn_hidden`, or the default of `mlp`)."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.mlp == "swiglu":
+            return 256 * -(-int(8 * self.d_model / 3) // 256)
+        return 4 * self.d_model
+
+
+# The ModelConfig keys that fix the weights' shapes: weights loaded through `model.init_from` bring their
+# own (a differing config value is logged), and a resumed checkpoint must match them.
+SHAPE_KEYS = (
+    *("n_layer", "n_head", "d_model", "context_length", "vocab_size", "bias", "tie_embeddings"),
+    *("position_embedding", "rope_theta", "norm", "mlp", "ffn_hidden", "n_kv_head"),
+)
+
+
+@dataclass
+class BlendSource:
+    """One corpus of a blend: a build output directory, its weight (normalised over the blend) and the
+    name its metrics are reported under ("" = the directory's name)."""
+
+    path: str = ""
+    weight: float = 1.0
+    name: str = ""
 
 
 @dataclass
 class DataConfig:
-    """Where the tokens come from: a `data_pipeline/build.py` output directory."""
+    """Where the tokens come from: a `data_pipeline/build.py` output directory (`path`), or a weighted
+    `blend` of several (then `path` is not used). As an override, `data.blend=PATH:W,PATH:W`.
+    `max_open_shards` bounds the shard memory maps open at once per process."""
 
     path: str = ""
+    blend: list[BlendSource] = field(default_factory=list)
     train_split: str = "train"
     val_split: str = "val"
     verify_checksums: bool = True
+    max_open_shards: int = 64
 
 
 @dataclass
@@ -85,12 +134,13 @@ class TrainConfig:
     eval_iters: int = 20
     save_interval: int = 1000
     keep_last: int = 3
-    save_universal: bool = True  # also write universal/ (layout-free) so a resume may change the layout
+    async_save: bool = True  # write checkpoints in the background (the loop only copies its state)
     sample_interval: int = 0
     sample_prompt: str = "\n"
     sample_tokens: int = 64
     max_skipped_steps: int = 5
     peak_flops: float | None = None
+    compile: bool = False  # torch.compile each transformer block (gptforge.model.compile: where it works)
 
 
 @dataclass
@@ -153,6 +203,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, f: dataclasses.Field, where: str) -> Any:
     """Check `value` against the annotation `tp`; the only conversions are int->float and '6e-4'->float."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return _coerce_list(value, args[0], where)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -179,6 +231,42 @@ def _coerce(value: Any, tp: Any, f: dataclasses.Field, where: str) -> Any:
     if choices and ok not in choices:
         raise ConfigError(f"{where}: {ok!r} is not one of {', '.join(choices)}{_nearest(str(ok), choices)}")
     return ok
+
+
+def _coerce_list(value: Any, item: type, where: str) -> list[Any]:
+    """A list of `item` dataclasses: YAML gives a list of mappings (each key checked), an override the
+    short form `PATH:WEIGHT,PATH:WEIGHT` (a blend)."""
+    if isinstance(value, str):
+        value = [_short_item(part.strip(), where) for part in value.split(",") if part.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{where}: expected a list of {{path, weight, name}} or PATH:WEIGHT,PATH:WEIGHT, got {value!r}"
+        )
+    fields = _fields(item)
+    out = []
+    for k, entry in enumerate(value):
+        if isinstance(entry, item):
+            entry = dataclasses.asdict(entry)
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"{where}, item {k}: expected a mapping like {{path: DIR, weight: 0.5}}, got {entry!r}"
+            )
+        checked = {}
+        for key, v in entry.items():
+            if key not in fields:
+                raise ConfigError(f"{where}, item {k}: unknown key '{key}'{_nearest(key, list(fields))}")
+            tp, f = fields[key]
+            checked[key] = _coerce(v, tp, f, f"{where}, item {k}, '{key}'")
+        out.append(item(**checked))
+    return out
+
+
+def _short_item(text: str, where: str) -> dict[str, Any]:
+    path, sep, weight = text.rpartition(":")
+    try:
+        return {"path": path, "weight": float(weight)} if sep and path else {"path": text}
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not PATH:WEIGHT (e.g. data/web:0.7)") from None
 
 
 def _check_section(section: str, values: Any, source: str, cls: type = Config) -> dict[str, Any]:
@@ -281,10 +369,14 @@ def validate(cfg: Any) -> None:
             )
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        _validate_model_options(m)
         if not (m.init_from == "scratch" or m.init_from.startswith(("hf:", "checkpoint:"))):
             raise ConfigError(
                 f"model.init_from: {m.init_from!r} is not one of scratch, hf:DIR, checkpoint:DIR"
             )
+    d = getattr(cfg, "data", None)
+    if d is not None:
+        _validate_blend(d)
     p = getattr(cfg, "parallel", None)
     if p is not None:
         if p.tp < 1 or p.pp < 1:
@@ -293,6 +385,44 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
         if p.offload_params and p.zero_stage != 3:
             raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+
+
+def _validate_model_options(m: ModelConfig) -> None:
+    """The architecture options (position, norm, MLP, grouped-query attention) and their combinations."""
+    kv = m.kv_heads
+    if kv < 1 or m.n_head % kv:
+        ok = [d for d in range(1, m.n_head + 1) if m.n_head % d == 0]
+        raise ConfigError(
+            f"model.n_kv_head={kv}: model.n_head ({m.n_head}) must be a multiple of it (each key/value head "
+            f"serves a group of query heads); use n_kv_head in {ok}"
+        )
+    if m.position_embedding == "rope" and m.head_dim % 2:
+        raise ConfigError(
+            f"model.position_embedding=rope needs an even head size, got d_model/n_head = "
+            f"{m.d_model}/{m.n_head} = {m.head_dim}; change d_model or n_head"
+        )
+    if m.position_embedding == "sinusoidal" and m.d_model % 2:
+        raise ConfigError(f"model.position_embedding=sinusoidal needs an even model.d_model, got {m.d_model}")
+    if m.rope_theta <= 0:
+        raise ConfigError(f"model.rope_theta must be > 0, got {m.rope_theta}")
+    if m.ffn_hidden is not None and m.ffn_hidden < 1:
+        raise ConfigError(f"model.ffn_hidden must be >= 1 (or null for the default), got {m.ffn_hidden}")
+    if m.layer_norm_eps <= 0:
+        raise ConfigError(f"model.layer_norm_eps must be > 0, got {m.layer_norm_eps}")
+
+
+def _validate_blend(d: DataConfig) -> None:
+    names = [s.name or Path(s.path).name for s in d.blend]
+    for s, name in zip(d.blend, names, strict=True):
+        if not s.path:
+            raise ConfigError(f"data.blend: source {name or '?'} has no path (a build output directory)")
+        if not s.weight > 0:
+            raise ConfigError(f"data.blend: source {name} has weight {s.weight}; weights must be > 0")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"data.blend: two sources are named {twice[0]!r}; give each a distinct `name`")
+    if d.max_open_shards < 1:
+        raise ConfigError(f"data.max_open_shards must be >= 1, got {d.max_open_shards}")
 
 
 def _nearest_divisor(n: int, near: int) -> int:

@@ -3,9 +3,9 @@ confusion matrix, and multiple-choice accuracy on HellaSwag-style rows. Each run
 rank takes its share and the sums meet on all ranks.
 
 The loss over a build output is the trainer's own: the same windows (`gptforge.data.loader.eval_batches`,
-cut into micro-batches as the training run's data-parallel ranks cut them), the same function
-(`gptforge.train.loop.evaluate`) and the same precision, so for a checkpoint it is exactly the val_loss
-that run logged. Classification reuses the fine-tuning run's examples and confusion matrix.
+cut into micro-batches as the training run's data-parallel ranks cut them), the same function (`mean_loss`,
+which the trainer's evaluation calls too) and the same precision, so for a checkpoint it is exactly the
+val_loss that run logged. Classification reuses the fine-tuning run's examples and confusion matrix.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Autocast(nn.Module):
 
 
 def in_precision(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """The model as the trainer runs it in `mode` (see gptforge.train.engine.precision_mode)."""
+    """The model as the trainer runs it in `mode` (see gptforge.train.precision.precision_mode)."""
     if mode == "autocast":
         return Autocast(model, device.type)
     if mode in ("bf16", "fp16"):
@@ -59,6 +59,54 @@ def _progress(items: Sequence, desc: str, show: bool) -> Iterable:
 
 
 # ---------------------------------------------------------------------------------------------- loss
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], dist_ctx: Any) -> float:
+    """Mean loss per sequence over `batches` (each rank its share, summed over ranks); `model(x, y)`
+    returns (logits, mean loss of the batch), as a GPT or a DeepSpeed engine around one does."""
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=dist_ctx.device), 0
+    for x, y in batches:
+        _, loss = model(x.to(dist_ctx.device), y.to(dist_ctx.device))
+        total += loss.double() * x.size(0)
+        count += x.size(0)
+    model.train()
+    loss_sum, n = dist_ctx.sum([float(total), float(count)])
+    return loss_sum / n
+
+
+@torch.no_grad()
+def engine_loss(engine: Any, batches: list[tuple[Tensor, Tensor]], dist_ctx: Any) -> float:
+    """The trainer's evaluation: `mean_loss` through a DeepSpeed engine, or through a pipeline engine's
+    own schedule (pp > 1)."""
+    from gptforge.train.engine import is_pipeline
+
+    if is_pipeline(engine):
+        return _pipeline_loss(engine, batches, dist_ctx)
+    return mean_loss(engine, batches, dist_ctx)
+
+
+def _pipeline_loss(engine: Any, batches: list[tuple[Tensor, Tensor]], dist_ctx: Any) -> float:
+    """`mean_loss` through the pipeline: one `eval_batch` over this rank's windows (the last micro-batch
+    may be smaller: shapes are sent with each), the losses weighted by micro-batch size on the last stage."""
+    if dist_ctx.any(not batches):  # eval_batch is collective; fewer windows than dp ranks: nothing to run
+        return float("nan")
+    engine.dynamic_shape = True
+    engine.reset_activation_shape()
+    try:
+        losses = engine.eval_batch(
+            iter(batches), num_micro_batches=len(batches), reduce_output=None, bcast_loss=False
+        )
+    finally:
+        engine.dynamic_shape = False
+        engine.reset_activation_shape()  # training's micro-batches announce their shape again
+    total = count = 0.0
+    if engine.is_last_stage():
+        total = sum(float(loss) * x.size(0) for loss, (x, _) in zip(losses, batches, strict=True))
+        count = float(sum(x.size(0) for x, _ in batches))
+    loss_sum, n = dist_ctx.sum([total, count])
+    return loss_sum / n
 
 
 @dataclass(frozen=True)
@@ -82,7 +130,6 @@ def lm_loss(
 ) -> tuple[float, int]:
     """(mean loss, windows) over `split` of a build output, computed as the trainer's eval computes it."""
     from gptforge.data.loader import WindowDataset, eval_batches
-    from gptforge.train.loop import evaluate
 
     data = WindowDataset(manifest, split, context, seed=0)  # eval windows do not depend on the seed
     if len(data) == 0:
@@ -95,7 +142,7 @@ def lm_loss(
     batches = [b for r in range(s.train_dp) for b in eval_batches(data, n, s.micro_batch, r, s.train_dp)]
     mine = batches[dist_ctx.dp_rank :: dist_ctx.dp_size]
     progress = _progress(mine, f"eval {split}", dist_ctx.is_main and show_progress)
-    return evaluate(model, progress, dist_ctx), sum(len(x) for x, _ in batches)
+    return mean_loss(model, progress, dist_ctx), sum(len(x) for x, _ in batches)
 
 
 # ---------------------------------------------------------------------------------------------- classify
@@ -106,11 +153,11 @@ def classify_eval(
 ) -> tuple[float, Tensor]:
     """(mean loss, true x predicted counts) of a classifier over a {"text", "label"} JSONL file."""
     from gptforge.finetune import classify
-    from gptforge.finetune.data import eval_batches
+    from gptforge.finetune.data import example_eval_batches
 
     rows = read_rows(path, ("text", "label"), classify.ROW_HINT)
     examples = classify.classify_examples(rows, labels, tok, model_context(model), "eval")
-    batches = eval_batches(examples, micro_batch, dist_ctx.dp_rank, dist_ctx.dp_size, tok.eot_id)
+    batches = example_eval_batches(examples, micro_batch, dist_ctx.dp_rank, dist_ctx.dp_size, tok.eot_id)
     return classify.confusion_matrix(model, batches, len(labels), dist_ctx)
 
 

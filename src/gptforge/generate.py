@@ -2,9 +2,14 @@
 
 Prompts of different lengths are left-padded into one batch; the model masks the padding and starts each
 row's positions at 0 after it, so a row generates the same tokens as it would alone. While the sequence
-fits the context, each step feeds one token through the KV cache. Beyond it the window slides: the oldest
-tokens are cropped and the window is recomputed from position 0 (as nanoGPT does; a learned position
-table cannot shift cached keys), so `use_cache=True` and `False` give the same tokens.
+fits the context, each step feeds one token through the KV cache. Beyond it the window slides. With rotary
+positions the cache slides too (its keys were rotated at their own positions, and attention depends only on
+the distance between positions, so the oldest slot is dropped and nothing is recomputed). With learned or
+sinusoidal positions, added to the embeddings, cached keys cannot shift: the oldest tokens are cropped and
+the window is recomputed from position 0 each step (as nanoGPT does). Either way `use_cache=True` and
+`False` give the same tokens: without the cache a rotary model reads the whole sequence with
+sliding-window attention (each token sees the `context_length` tokens up to itself), which is what the
+sliding cache computes; a learned-position model reads the cropped window.
 """
 
 from __future__ import annotations
@@ -68,6 +73,19 @@ def sample_next(
 
 
 @torch.no_grad()
+def _left_padded(
+    prompts: Sequence[Sequence[int]], context: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts (each its last `context` tokens) as one left-padded batch, and each row's padding."""
+    rows = [list(p)[-context:] for p in prompts]
+    width = max(len(p) for p in rows)
+    pad = torch.tensor([width - len(p) for p in rows], device=device)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for row, prompt in enumerate(rows):
+        tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+    return tokens, pad
+
+
 def generate(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -84,12 +102,8 @@ def generate(
     _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
     context = model.cfg.context_length
-    prompts = [list(p)[-context:] for p in prompts]
-    B, width = len(prompts), max(len(p) for p in prompts)
-    pad = torch.tensor([width - len(p) for p in prompts], device=device)
-    tokens = torch.zeros(B, width, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+    tokens, pad = _left_padded(prompts, context, device)
+    B = tokens.size(0)
 
     generator = None
     if seed is not None:
@@ -102,12 +116,15 @@ def generate(
     step_input = tokens
     try:
         for _ in range(max_new_tokens):
-            if cache is not None and cache.length + step_input.size(1) > context:
+            overflow = cache.length + step_input.size(1) - context if cache is not None else 0
+            if cache is not None and overflow > 0 and model.positions_shift:
+                cache.shift(overflow)  # rope: drop the oldest slot, keep the rotated keys of the others
+            elif overflow > 0:
                 cache = None  # the window slides from here on: positions change, recompute each step
             if cache is not None:
                 logits, _ = model(step_input, pad=pad, cache=cache, last_only=True)
             else:
-                cropped = tokens.size(1) - min(tokens.size(1), context)
+                cropped = 0 if model.positions_shift else tokens.size(1) - min(tokens.size(1), context)
                 window_pad = (pad - cropped).clamp(min=0)
                 logits, _ = model(
                     tokens[:, cropped:], pad=window_pad if window_pad.any() else None, last_only=True

@@ -1,9 +1,12 @@
-"""Hugging Face GPT-2 format, both ways.
+"""Hugging Face formats, both ways: GPT-2 (`GPT2LMHeadModel`) and Llama (`LlamaForCausalLM`).
 
-Our modules carry OpenAI/nanoGPT names, so the conversion is: add or strip the `transformer.` prefix,
+GPT-2: our modules carry OpenAI/nanoGPT names, so the conversion is: add or strip the `transformer.` prefix,
 transpose the four Conv1D weights (HF stores them (in, out), `nn.Linear` (out, in)), store a tied LM head
-once, and map the config keys. Weights are read from safetensors only (a pickle file can run code).
-Writing a directory needs no `transformers`; `to_hf` (an in-memory `GPT2LMHeadModel`) does.
+once, and map the config keys. Llama (rope + rmsnorm + swiglu, no biases): rename, and split our fused QKV
+into q/k/v_proj (our rotary uses HF's "rotate half" layout, so no permutation). A shape neither expresses
+(sinusoidal positions, say, or rope with LayerNorm) is refused by export. Weights are read from safetensors
+only (a pickle file can run code). Writing a directory needs no `transformers`; `to_hf` (an in-memory model)
+does. GPT-2's tokenizer files come from `gptforge.tokenizer`; loading any saved form is `gptforge.weights`'.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +23,10 @@ from torch import Tensor, nn
 from gptforge.config import ModelConfig
 from gptforge.errors import CheckpointError
 from gptforge.model import GPT
+from gptforge.tokenizer import gpt2_vocab, write_gpt2_tokenizer_files
 
 if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +45,34 @@ GPT2_TOKENIZER = {"name": "gpt2", "vocab_size": 50257, "eot_id": GPT2_EOT}
 # ---------------------------------------------------------------------------------------------- config
 
 
-def hf_config_dict(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
-    """The config.json `transformers.GPT2Config` reads for our shape. `eot_id` (bos = eos, as GPT-2)
-    defaults to GPT-2's end-of-text when the vocabulary has it."""
-    eot = (
+def architecture(cfg: ModelConfig) -> str:
+    """ "gpt2" or "llama": the Hugging Face architecture that computes exactly our model, or a
+    CheckpointError naming what neither can express."""
+    gpt2 = cfg.position_embedding == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu"
+    if gpt2 and cfg.kv_heads == cfg.n_head:
+        return "gpt2"
+    llama = cfg.position_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu"
+    if llama and not cfg.bias:
+        return "llama"
+    raise CheckpointError(
+        f"model (position_embedding={cfg.position_embedding}, norm={cfg.norm}, mlp={cfg.mlp}, "
+        f"n_kv_head={cfg.kv_heads}, bias={cfg.bias}) has no Hugging Face form: GPT-2 needs learned + "
+        "layernorm + gelu with n_kv_head = n_head, Llama needs rope + rmsnorm + swiglu with bias false"
+    )
+
+
+def _eot(cfg: ModelConfig, eot_id: int | None) -> int | None:
+    """`eot_id` (bos = eos, as GPT-2), by default GPT-2's end-of-text when the vocabulary has it."""
+    return (
         eot_id if eot_id is not None else (GPT2_EOT if cfg.vocab_size and cfg.vocab_size > GPT2_EOT else None)
     )
+
+
+def hf_config_dict(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
+    """The config.json transformers reads for our shape (GPT2Config or LlamaConfig, by `architecture`)."""
+    eot = _eot(cfg, eot_id)
+    if architecture(cfg) == "llama":
+        return _llama_config_dict(cfg, eot)
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -57,7 +82,7 @@ def hf_config_dict(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any
         "n_embd": cfg.d_model,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
-        "n_inner": None,
+        "n_inner": None if cfg.ffn_dim == 4 * cfg.d_model else cfg.ffn_dim,
         "activation_function": "gelu_new",
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
@@ -75,10 +100,43 @@ def hf_config_dict(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any
     }
 
 
+def _llama_config_dict(cfg: ModelConfig, eot: int | None) -> dict[str, Any]:
+    """LlamaConfig's keys; the rope base is written both as transformers 5 (`rope_parameters`) and 4
+    (`rope_theta`) read it."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length,
+        "rms_norm_eps": cfg.layer_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": cfg.dropout,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
 def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
-    """Our ModelConfig for a GPT-2 config.json; anything GPT-2-like we cannot represent is an error."""
+    """Our ModelConfig for a GPT-2 or Llama config.json; anything we cannot represent is an error."""
+    if hf.get("model_type", "gpt2") == "llama":
+        return _model_config_from_llama(hf, source)
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not gpt2")
+        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not gpt2 or llama")
     try:
         d, n_layer, n_head = int(hf["n_embd"]), int(hf["n_layer"]), int(hf["n_head"])
         vocab, ctx = int(hf["vocab_size"]), int(hf["n_positions"])
@@ -86,7 +144,6 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         raise CheckpointError(f"{source}: missing or invalid GPT-2 config key {exc}") from None
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new") not in TANH_GELUS, "gelu_new"),
-        "n_inner": (hf.get("n_inner") not in (None, 4 * d), f"null or {4 * d}"),
         "scale_attn_weights": (hf.get("scale_attn_weights", True) is not True, "true"),
         "scale_attn_by_inverse_layer_idx": (bool(hf.get("scale_attn_by_inverse_layer_idx")), "false"),
         "add_cross_attention": (bool(hf.get("add_cross_attention")), "false"),
@@ -105,6 +162,7 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
         context_length=ctx,
         vocab_size=vocab,
         dropout=float(hf.get("resid_pdrop", 0.0)),
+        ffn_hidden=None if hf.get("n_inner") in (None, 4 * d) else int(hf["n_inner"]),
         bias=True,  # HF GPT-2 always has biases
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
@@ -112,15 +170,132 @@ def model_config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     )
 
 
+def _model_config_from_llama(hf: dict[str, Any], source: str) -> ModelConfig:
+    try:
+        d, n_layer, n_head = (
+            int(hf["hidden_size"]),
+            int(hf["num_hidden_layers"]),
+            int(hf["num_attention_heads"]),
+        )
+        vocab, ctx, ffn = (
+            int(hf["vocab_size"]),
+            int(hf["max_position_embeddings"]),
+            int(hf["intermediate_size"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: missing or invalid Llama config key {exc}") from None
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    unsupported = {
+        "hidden_act": (hf.get("hidden_act", "silu") != "silu", "silu"),
+        "attention_bias": (bool(hf.get("attention_bias")), "false"),
+        "mlp_bias": (bool(hf.get("mlp_bias")), "false"),
+        "head_dim": (
+            hf.get("head_dim") not in (None, d // n_head),
+            f"hidden_size / num_attention_heads = {d // n_head}",
+        ),
+        "rope type": (rope_type != "default", "default (no rope scaling)"),
+    }
+    for key, (bad, want) in unsupported.items():
+        if bad:
+            shown = rope_type if key == "rope type" else hf.get(key)
+            raise CheckpointError(
+                f"{source}: {key}={shown!r} is not supported (gptforge's Llama needs {want})"
+            )
+    return ModelConfig(
+        n_layer=n_layer,
+        n_head=n_head,
+        d_model=d,
+        context_length=ctx,
+        vocab_size=vocab,
+        dropout=float(hf.get("attention_dropout", 0.0)),
+        bias=False,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        position_embedding="rope",
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm="rmsnorm",
+        mlp="swiglu",
+        ffn_hidden=ffn,
+        n_kv_head=int(hf.get("num_key_value_heads") or n_head),
+    )
+
+
 # ---------------------------------------------------------------------------------------------- weights
+
+# our name (after transformer.h.N.) -> Llama's (after model.layers.N.); c_attn is split into q/k/v_proj
+LLAMA_BLOCK = {
+    "ln_1.weight": "input_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "ln_2.weight": "post_attention_layernorm.weight",
+    "mlp.c_gate.weight": "mlp.gate_proj.weight",
+    "mlp.c_fc.weight": "mlp.up_proj.weight",
+    "mlp.c_proj.weight": "mlp.down_proj.weight",
+}
+LLAMA_TOP = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+}
+LLAMA_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
+def _llama_state_dict(model: GPT, cfg: ModelConfig) -> dict[str, Tensor]:
+    from gptforge.model.tensor_parallel import qkv_sizes
+
+    out: dict[str, Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        if name == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                out[name] = tensor.contiguous()
+        elif name in LLAMA_TOP:
+            out[LLAMA_TOP[name]] = tensor.contiguous()
+        else:
+            layer, _, rest = name.removeprefix("transformer.h.").partition(".")
+            prefix = f"model.layers.{layer}."
+            if rest == "attn.c_attn.weight":
+                for part, hf_name in zip(tensor.split(list(qkv_sizes(cfg))), LLAMA_QKV, strict=True):
+                    out[prefix + hf_name] = part.contiguous()
+            else:
+                out[prefix + LLAMA_BLOCK[rest]] = tensor.contiguous()
+    return out
+
+
+def _llama_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    ours_top = {v: k for k, v in LLAMA_TOP.items()}
+    ours_block = {v: k for k, v in LLAMA_BLOCK.items()}
+    out: dict[str, Tensor] = {}
+    qkv: dict[str, dict[str, Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name in ours_top or name == "lm_head.weight":
+            out[ours_top.get(name, name)] = tensor
+            continue
+        layer, _, rest = name.removeprefix("model.layers.").partition(".")
+        if rest in LLAMA_QKV:
+            qkv.setdefault(layer, {})[rest] = tensor
+        elif rest in ours_block:
+            out[f"transformer.h.{layer}.{ours_block[rest]}"] = tensor
+        elif not rest.endswith("rotary_emb.inv_freq"):  # a buffer older exports carry
+            out[name] = tensor  # reported as unexpected by the checked load
+    for layer, parts in qkv.items():
+        if set(parts) != set(LLAMA_QKV):
+            raise CheckpointError(f"layer {layer}: q/k/v_proj incomplete ({sorted(parts)})")
+        out[f"transformer.h.{layer}.attn.c_attn.weight"] = torch.cat([parts[n] for n in LLAMA_QKV])
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
 
 
 def hf_state_dict(model: GPT, cfg: ModelConfig) -> dict[str, Tensor]:
-    """Our weights under GPT2LMHeadModel's names and layouts (contiguous, ready for safetensors).
+    """Our weights under GPT2LMHeadModel's (or LlamaForCausalLM's) names and layouts (contiguous, ready
+    for safetensors).
 
-    A tied LM head is stored once (as `transformer.wte.weight`), as transformers does; a model without
-    biases gets zero biases, which computes the same function in HF's always-biased GPT-2.
+    A tied LM head is stored once (as the token embedding), as transformers does; a GPT-2 without biases
+    gets zero biases, which computes the same function in HF's always-biased GPT-2.
     """
+    if architecture(cfg) == "llama":
+        return _llama_state_dict(model, cfg)
     out: dict[str, Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -134,7 +309,9 @@ def hf_state_dict(model: GPT, cfg: ModelConfig) -> dict[str, Tensor]:
 
 def state_dict_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """HF GPT-2 tensors (with or without the `transformer.` prefix, with or without the attention-mask
-    buffers OpenAI's checkpoint carries) -> our state dict names and layouts."""
+    buffers OpenAI's checkpoint carries), or HF Llama tensors -> our state dict names and layouts."""
+    if architecture(cfg) == "llama":
+        return _llama_from_hf(tensors, cfg)
     out: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
         if name.endswith(IGNORED_SUFFIXES):
@@ -180,7 +357,9 @@ def read_hf_weights(directory: Path) -> dict[str, Tensor]:
             "(pickle files can run code). Convert once with transformers: "
             "GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR)"
         )
-    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} (expected a Hugging Face GPT-2 directory)")
+    raise CheckpointError(
+        f"{directory}: no {WEIGHTS_FILE} (expected a Hugging Face GPT-2 or Llama directory)"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -219,8 +398,9 @@ def tokenizer_info(directory: Path) -> dict[str, Any]:
 
 
 def from_hf(directory: str | Path) -> tuple[GPT, ModelConfig]:
-    """Our GPT from a Hugging Face GPT-2 directory (config.json + model.safetensors), e.g. OpenAI's `gpt2`."""
-    from gptforge.weights import load_state_dict_checked
+    """Our GPT from a Hugging Face GPT-2 or Llama directory (config.json + model.safetensors), e.g.
+    OpenAI's `gpt2`."""
+    from gptforge.model.load import load_state_dict_checked
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -236,7 +416,8 @@ def from_hf(directory: str | Path) -> tuple[GPT, ModelConfig]:
 def save_hf(
     model: GPT, cfg: ModelConfig, out_dir: str | Path, tokenizer_info: dict[str, Any] | None = None
 ) -> Path:
-    """Write a directory `GPT2LMHeadModel.from_pretrained` loads (config.json + model.safetensors).
+    """Write a directory `GPT2LMHeadModel` / `LlamaForCausalLM.from_pretrained` loads (config.json +
+    model.safetensors); a shape neither can express is refused before anything is written.
 
     With the GPT-2 tokenizer, vocab.json/merges.txt (derived offline from the shipped BPE ranks) and
     tokenizer_config.json are written too, so `AutoTokenizer.from_pretrained` works. `gptforge.json`
@@ -244,6 +425,7 @@ def save_hf(
     """
     from safetensors.torch import save_file
 
+    architecture(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_info = tokenizer_info or dict(GPT2_TOKENIZER)
@@ -264,112 +446,20 @@ def save_hf(
     return out
 
 
-def to_hf(model: GPT, cfg: ModelConfig) -> GPT2LMHeadModel:
-    """An in-memory `transformers.GPT2LMHeadModel` with our weights (needs `transformers`)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def to_hf(model: GPT, cfg: ModelConfig) -> PreTrainedModel:
+    """An in-memory `transformers.GPT2LMHeadModel` or `LlamaForCausalLM` with our weights (needs
+    `transformers`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    hf_cfg = GPT2Config(
-        **{k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type")}
-    )
-    hf = GPT2LMHeadModel(hf_cfg)
+    classes = {"gpt2": (GPT2Config, GPT2LMHeadModel), "llama": (LlamaConfig, LlamaForCausalLM)}
+    config_cls, model_cls = classes[architecture(cfg)]
+    skip = ("architectures", "model_type", "rope_theta", "rope_scaling")
+    hf_cfg = config_cls(**{k: v for k, v in hf_config_dict(cfg).items() if k not in skip})
+    hf = model_cls(hf_cfg)
     missing, unexpected = hf.load_state_dict(hf_state_dict(model, cfg), strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not cfg.tie_embeddings]
     if missing or unexpected:
-        raise CheckpointError(f"GPT-2 conversion: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"Hugging Face conversion: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        hf.tie_weights()
     return hf.train(model.training)
-
-
-# ---------------------------------------------------------------------------------------------- tokenizer
-
-
-@lru_cache(maxsize=1)
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (as in OpenAI's encoder.py)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
-
-
-def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """Byte-pair-encode `token` using only merges ranked below `max_rank`: for a vocabulary token this
-    leaves exactly the two halves whose merge created it."""
-    parts = [bytes([b]) for b in token]
-    while True:
-        best: tuple[int, int] | None = None
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < max_rank and (best is None or rank < best[1]):
-                best = (i, rank)
-        if best is None:
-            return parts
-        i = best[0]
-        parts = [*parts[:i], parts[i] + parts[i + 1], *parts[i + 2 :]]
-
-
-@lru_cache(maxsize=1)
-def _gpt2_ranks() -> dict[bytes, int]:
-    from importlib import resources
-
-    from tiktoken.load import load_tiktoken_bpe
-
-    from gptforge.tokenizer import GPT2_BPE_SHA256
-
-    return load_tiktoken_bpe(
-        str(resources.files("gptforge") / "assets" / "gpt2.tiktoken"), expected_hash=GPT2_BPE_SHA256
-    )
-
-
-def _as_text(token: bytes) -> str:
-    to_text = _byte_to_unicode()
-    return "".join(to_text[b] for b in token)
-
-
-def gpt2_vocab() -> dict[str, int]:
-    """vocab.json of GPT-2, recovered from the tiktoken ranks file we ship."""
-    from gptforge.tokenizer import ENDOFTEXT
-
-    vocab = {_as_text(token): rank for token, rank in _gpt2_ranks().items()}
-    vocab[ENDOFTEXT] = GPT2_EOT
-    return vocab
-
-
-def gpt2_merges() -> list[str]:
-    """merges.txt of GPT-2: each multi-byte token in rank order, as the two parts its merge joined."""
-    ranks = _gpt2_ranks()
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) > 1:
-            left, right = _bpe_split(ranks, token, rank)
-            merges.append(f"{_as_text(left)} {_as_text(right)}")
-    return merges
-
-
-def write_gpt2_tokenizer_files(out: Path, context_length: int) -> None:
-    (out / "vocab.json").write_text(json.dumps(gpt2_vocab(), ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(gpt2_merges()) + "\n", encoding="utf-8")
-    special = "<|endoftext|>"
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "GPT2Tokenizer",
-                "model_max_length": context_length,
-                "bos_token": special,
-                "eos_token": special,
-                "unk_token": special,
-                "add_prefix_space": False,
-                "add_bos_token": False,
-            },
-            indent=2,
-        )
-        + "\n"
-    )

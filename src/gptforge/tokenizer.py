@@ -9,6 +9,7 @@ original GPT-2 encoder and tiktoken's `encode_ordinary` do (a corpus cannot smug
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -198,13 +199,108 @@ def get_tokenizer(spec: str = "gpt2") -> Tokenizer:
     raise GptforgeError(f"unknown tokenizer '{spec}': use gpt2 or sentencepiece:PATH.model")
 
 
-def tokenizer_from_manifest(info: dict[str, Any]) -> Tokenizer:
-    """The tokenizer a data manifest was built with (checking a SentencePiece model's hash)."""
+def tokenizer_from_manifest(info: dict[str, Any], root: str | Path | None = None) -> Tokenizer:
+    """The tokenizer a data manifest was built with (checking a SentencePiece model's hash). A relative model
+    path (a build copies its model in as `tokenizer.model`) is resolved against the build directory `root`, so
+    a build directory can move and be read from any working directory."""
     if info.get("name") == "sentencepiece":
-        tok = SentencePieceTokenizer(info["model"])
+        model = Path(info["model"])
+        tok = SentencePieceTokenizer(model if model.is_absolute() or root is None else Path(root) / model)
         if info.get("sha256") and tok.model_sha256 != info["sha256"]:
             raise GptforgeError(
                 f"SentencePiece model {info['model']} changed since the data was built (sha256 differs)"
             )
         return tok
     return get_tokenizer(info.get("name", "gpt2"))
+
+
+# ---------------------------------------------------------------------------------------------- HF files
+# GPT-2's vocab.json and merges.txt, as Hugging Face's GPT2Tokenizer reads them, derived offline from the
+# shipped ranks file (an exported model directory then loads with AutoTokenizer, no download).
+
+
+@lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (as in OpenAI's encoder.py)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """Byte-pair-encode `token` using only merges ranked below `max_rank`: for a vocabulary token this
+    leaves exactly the two halves whose merge created it."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        best: tuple[int, int] | None = None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < max_rank and (best is None or rank < best[1]):
+                best = (i, rank)
+        if best is None:
+            return parts
+        i = best[0]
+        parts = [*parts[:i], parts[i] + parts[i + 1], *parts[i + 2 :]]
+
+
+@lru_cache(maxsize=1)
+def _gpt2_ranks() -> dict[bytes, int]:
+    from tiktoken.load import load_tiktoken_bpe
+
+    return load_tiktoken_bpe(
+        str(resources.files("gptforge") / "assets" / "gpt2.tiktoken"), expected_hash=GPT2_BPE_SHA256
+    )
+
+
+def _as_text(token: bytes) -> str:
+    to_text = _byte_to_unicode()
+    return "".join(to_text[b] for b in token)
+
+
+def gpt2_vocab() -> dict[str, int]:
+    """vocab.json of GPT-2, recovered from the tiktoken ranks file we ship."""
+    vocab = {_as_text(token): rank for token, rank in _gpt2_ranks().items()}
+    vocab[ENDOFTEXT] = GPT2Tokenizer.eot_id
+    return vocab
+
+
+def gpt2_merges() -> list[str]:
+    """merges.txt of GPT-2: each multi-byte token in rank order, as the two parts its merge joined."""
+    ranks = _gpt2_ranks()
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            left, right = _bpe_split(ranks, token, rank)
+            merges.append(f"{_as_text(left)} {_as_text(right)}")
+    return merges
+
+
+def write_gpt2_tokenizer_files(out: Path, context_length: int) -> None:
+    """vocab.json, merges.txt and tokenizer_config.json of GPT-2's tokenizer into directory `out`."""
+    (out / "vocab.json").write_text(json.dumps(gpt2_vocab(), ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(gpt2_merges()) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "model_max_length": context_length,
+                "bos_token": ENDOFTEXT,
+                "eos_token": ENDOFTEXT,
+                "unk_token": ENDOFTEXT,
+                "add_prefix_space": False,
+                "add_bos_token": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )

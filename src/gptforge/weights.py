@@ -4,8 +4,13 @@ Forms `load_model` resolves:
 - our consolidated model directory: `model.safetensors` + `gptforge.json` ({"model": ModelConfig,
   "tokenizer": Tokenizer.describe()});
 - a Hugging Face GPT-2 directory (config.json + model.safetensors), also spelled `hf:DIR`;
-- a training run or one of its checkpoints (through `gptforge.train.checkpoint`), also `checkpoint:DIR`.
+- a training run or one of its checkpoints (through `gptforge.checkpoint_format`), also `checkpoint:DIR`;
+  a fine-tuned one's `finetune` block is read here too (LoRA merged; a classifier is not a language model).
 Every problem a user can fix (missing or corrupt files, weights of another shape) is one CheckpointError line.
+
+This module sits below training and fine-tuning (they import it, never the other way round) and above the
+readers it combines: `gptforge.hf` (conversion), checkpoint reading (`gptforge.checkpoint_format`),
+`gptforge.model`.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import torch
 from torch import Tensor
 
 from gptforge import hf
-from gptforge.config import ModelConfig, config_from_dict
+from gptforge.config import SHAPE_KEYS, ModelConfig, config_from_dict
 from gptforge.errors import CheckpointError, GptforgeError
 from gptforge.model import GPT
+from gptforge.model.load import load_state_dict_checked
 from gptforge.tokenizer import Tokenizer, tokenizer_from_manifest
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
-META_FILE = "gptforge.json"
+MODEL_META_FILE = "gptforge.json"  # a model directory's config + tokenizer (a checkpoint has checkpoint.json)
+FINETUNE_KEY = "finetune"  # the block of a fine-tuning run's checkpoint.json: task, labels, template, LoRA
+LORA_A, LORA_B = "lora_A", "lora_B"  # a LoRA run's adapter tensors, beside each adapted `weight`
 
 
 def save_model_dir(model: GPT, cfg: ModelConfig, tokenizer_info: dict[str, Any], out_dir: str | Path) -> Path:
@@ -44,35 +52,8 @@ def save_model_dir(model: GPT, cfg: ModelConfig, tokenizer_info: dict[str, Any],
     }
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_info}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / MODEL_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
-
-
-def load_state_dict_checked(model: GPT, state_dict: dict[str, Tensor], source: str) -> None:
-    """`model.load_state_dict` that names the first missing, extra or differently shaped tensor."""
-    state_dict = dict(state_dict)
-    if (
-        model.cfg.tie_embeddings
-        and "lm_head.weight" not in state_dict
-        and "transformer.wte.weight" in state_dict
-    ):
-        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
-    for name, expected in model.state_dict().items():
-        if name not in state_dict:
-            raise CheckpointError(
-                f"{source}: tensor '{name}' is missing (weights of another model or format?)"
-            )
-        got = state_dict[name]
-        if tuple(got.shape) != tuple(expected.shape):
-            raise CheckpointError(
-                f"{source}: tensor '{name}' has shape {tuple(got.shape)} but the model config says "
-                f"{tuple(expected.shape)} (weights and config of different models?)"
-            )
-    extra = sorted(set(state_dict) - set(model.state_dict()))
-    if extra:
-        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-        raise CheckpointError(f"{source}: unexpected tensor '{extra[0]}'{more} (weights of another model?)")
-    model.load_state_dict(state_dict)
 
 
 def _read_meta(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -88,18 +69,77 @@ def _read_meta(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 
 def _read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any]]:
-    try:
-        from gptforge.train.checkpoint import load_checkpoint_weights
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("gptforge.train", "gptforge.train.checkpoint"):
-            raise
-        raise CheckpointError(
-            f"{path} is not a gptforge model directory, Hugging Face GPT-2 directory or checkpoint"
-        ) from None
+    from gptforge.checkpoint_format import load_checkpoint_weights
+
     return load_checkpoint_weights(path)
 
 
-def read_weights(spec: str | Path) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any], str]:
+# ---------------------------------------------------------------------------------------------- fine-tuned
+
+
+def run_meta(spec: str | Path) -> dict[str, Any] | None:
+    """checkpoint.json of a gptforge run, checkpoints directory or step directory (`checkpoint:` prefix
+    allowed); None for anything else (a Hugging Face or consolidated model directory, a missing path)."""
+    from gptforge import checkpoint_format as checkpoint
+
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        return None
+    path = Path(spec.removeprefix("checkpoint:"))
+    if not path.is_dir() or hf.is_hf_dir(path) or (path / MODEL_META_FILE).is_file():
+        return None
+    try:
+        return checkpoint.read_meta(checkpoint.resolve(path))
+    except CheckpointError:
+        return None
+
+
+def finetune_info(spec: str | Path) -> dict[str, Any] | None:
+    """The `finetune` block of a fine-tuning run's checkpoint; None for any other model."""
+    meta = run_meta(spec)
+    return meta.get(FINETUNE_KEY) if meta else None
+
+
+def lora_scale(info: dict[str, Any]) -> float | None:
+    """alpha / rank of a LoRA run's `finetune` block; None without LoRA."""
+    lora = info.get("lora")
+    return lora["alpha"] / lora["rank"] if lora else None
+
+
+def merge_lora_weights(state_dict: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """A plain state dict from an adapted one: each `X.weight` += scale * `X.lora_B` @ `X.lora_A`
+    (computed in fp32), the LoRA tensors dropped."""
+    merged = {k: v for k, v in state_dict.items() if not k.endswith((f".{LORA_A}", f".{LORA_B}"))}
+    for key, a in state_dict.items():
+        if key.endswith(f".{LORA_A}"):
+            prefix = key[: -len(LORA_A)]
+            weight = merged[prefix + "weight"]
+            update = state_dict[prefix + LORA_B].float() @ a.float()
+            merged[prefix + "weight"] = (weight.float() + scale * update).to(weight.dtype)
+    return merged
+
+
+def language_model_weights(path: str | Path, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's weights as a plain GPT's: LoRA adapters merged; a classifier refused (it has no
+    language-model head). Other checkpoints pass through unchanged."""
+    info = finetune_info(path)
+    if info is None:
+        return state_dict
+    if info["task"] == "classify":
+        raise CheckpointError(
+            f"{path} is a classification model (launch/finetune.py --task classify; labels "
+            f"{', '.join(map(repr, info['labels']))}): its LM head was replaced by a classifier, so it cannot "
+            f"generate text or be exported as a GPT-2 LM; evaluate it with launch/eval.py --checkpoint {path} "
+            "--task classify --data FILE.jsonl"
+        )
+    scale = lora_scale(info)
+    return merge_lora_weights(state_dict, scale) if scale is not None else state_dict
+
+
+# ---------------------------------------------------------------------------------------------- any form
+
+
+def read_saved(spec: str | Path) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any], str]:
     """(config, our-layout state dict, tokenizer info, source) for any form `load_model` accepts."""
     spec = str(spec)
     path = Path(spec[3:] if spec.startswith("hf:") else spec.removeprefix("checkpoint:"))
@@ -111,12 +151,10 @@ def read_weights(spec: str | Path) -> tuple[ModelConfig, dict[str, Tensor], dict
         cfg = hf.read_hf_config(path)
         state_dict = hf.state_dict_from_hf(hf.read_hf_weights(path), cfg)
         return cfg, state_dict, hf.tokenizer_info(path), str(path)
-    if (path / META_FILE).is_file():
-        cfg, tokenizer_info = _read_meta(path / META_FILE)
+    if (path / MODEL_META_FILE).is_file():
+        cfg, tokenizer_info = _read_meta(path / MODEL_META_FILE)
         return cfg, hf.read_safetensors(path / WEIGHTS_FILE), tokenizer_info, str(path / WEIGHTS_FILE)
     cfg, state_dict, tokenizer_info = _read_checkpoint(path)
-    from gptforge.finetune.saved import language_model_weights  # fine-tuned: LoRA merged, classifier refused
-
     return cfg, language_model_weights(path, state_dict), tokenizer_info, str(path)
 
 
@@ -141,13 +179,10 @@ def _tokenizer(info: dict[str, Any], cfg: ModelConfig, source: str) -> Tokenizer
 
 def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, ModelConfig, Tokenizer]:
     """A ready model (eval mode, on `device`), its config and its tokenizer, from any saved form."""
-    cfg, state_dict, tokenizer_info, source = read_weights(spec)
+    cfg, state_dict, tokenizer_info, source = read_saved(spec)
     tok = _tokenizer(tokenizer_info, cfg, source)
     model = _build(cfg, state_dict, source)
     return model.to(device).eval(), cfg, tok
-
-
-SHAPE_KEYS = ("n_layer", "n_head", "d_model", "context_length", "vocab_size", "bias", "tie_embeddings")
 
 
 def init_model(cfg: ModelConfig) -> tuple[GPT, ModelConfig, dict[str, Any] | None]:
@@ -160,7 +195,7 @@ def init_model(cfg: ModelConfig) -> tuple[GPT, ModelConfig, dict[str, Any] | Non
     """
     if cfg.init_from == "scratch":
         return GPT(cfg), cfg, None
-    loaded, state_dict, tokenizer_info, source = read_weights(cfg.init_from)
+    loaded, state_dict, tokenizer_info, source = read_saved(cfg.init_from)
     for key in SHAPE_KEYS:
         mine, theirs = getattr(cfg, key), getattr(loaded, key)
         if mine is not None and mine != theirs:

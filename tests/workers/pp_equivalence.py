@@ -21,12 +21,33 @@ from gptforge.model import GPT
 from gptforge.model.pipeline import (
     build_pipeline,
     describe_stages,
-    gather_serial_state_dict,
     load_serial_state_dict,
+    pipeline_to_serial_name,
 )
+from gptforge.model.tensor_parallel import gather_tp_tensors, qkv_sizes
 from gptforge.parallel.topology import Topology
 
 MICRO, ACCUM, LR, CLIP = 2, 2, 0.5, 1.0
+
+
+def gather_serial_state_dict(
+    module: torch.nn.Module, cfg: ModelConfig, topology: Topology
+) -> dict[str, torch.Tensor]:
+    """The full serial GPT state dict from every stage and tp shard (collective over the world; every
+    rank gets it), to compare with the serial model's."""
+    local = {pipeline_to_serial_name(n, cfg): t for n, t in module.state_dict().items()}
+    local = (
+        gather_tp_tensors(local, topology, cfg.vocab_size, qkv_sizes(cfg))
+        if topology.tp > 1
+        else {n: t.detach().clone() for n, t in local.items()}
+    )
+    if topology.pp > 1:
+        stages: list[dict[str, torch.Tensor] | None] = [None] * topology.pp
+        dist.all_gather_object(stages, local, group=topology.get_pipe_parallel_group())
+        local = {n: t for part in stages for n, t in part.items()}
+    if cfg.tie_embeddings:
+        local["lm_head.weight"] = local["transformer.wte.weight"]
+    return local
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

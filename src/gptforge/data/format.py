@@ -21,7 +21,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,9 @@ DTYPE_CODES: dict[str, int] = {
     "uint16": 8,
 }
 CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
+# What a manifest's `dtype` may be: unsigned 16 bits or 32 bits (int32 as Megatron writes it, uint32 as
+# other tools do); anything else (floats, bogus names) is refused.
+TOKEN_DTYPES = ("uint16", "int32", "uint32")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -131,7 +134,8 @@ class SplitInfo:
 
 @dataclass
 class Manifest:
-    """`manifest.json` of a build output (CONTRACTS §2). Shard paths are relative to `root`."""
+    """`manifest.json` of a build output (the format the README's "Corpus pipeline" section fixes). Shard
+    paths are relative to `root`."""
 
     root: Path
     tokenizer: dict[str, Any]
@@ -175,6 +179,7 @@ def write_manifest(manifest: Manifest) -> Path:
 
 
 def read_manifest(root: str | Path) -> Manifest:
+    """`DIR/manifest.json`, every field checked: bad input is one `DataError` naming the file and field."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
@@ -188,29 +193,92 @@ def read_manifest(root: str | Path) -> Manifest:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); rebuild the data") from None
-    if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
-        raise DataError(
-            f"{path}: format {data.get('format')!r} version {data.get('version')!r} is not "
-            f"{FORMAT_NAME!r} version {FORMAT_VERSION}"
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT_NAME
+        or data.get("version") != FORMAT_VERSION
+    ):
+        got = (
+            data if not isinstance(data, dict) else f"{data.get('format')!r} version {data.get('version')!r}"
         )
-    try:
-        splits = {
-            name: SplitInfo(s["tokens"], s["documents"], [ShardInfo(**sh) for sh in s["shards"]])
-            for name, s in data["splits"].items()
-        }
-        return Manifest(
-            root=root,
-            tokenizer=data["tokenizer"],
-            dtype=data["dtype"],
-            splits=splits,
-            stats=data.get("stats", {}),
-            config=data.get("config", {}),
-            sha256=hashlib.sha256(raw).hexdigest(),
-        )
-    except (KeyError, TypeError) as exc:
+        raise DataError(f"{path}: format {got} is not {FORMAT_NAME!r} version {FORMAT_VERSION}")
+    return Manifest(
+        root=root,
+        tokenizer=_tokenizer_field(path, data.get("tokenizer")),
+        dtype=_dtype_field(path, data.get("dtype")),
+        splits=_splits_field(path, data.get("splits")),
+        stats=data.get("stats", {}),
+        config=data.get("config", {}),
+        sha256=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+def _bad(path: Path, what: str) -> DataError:
+    return DataError(f"{path}: malformed manifest: {what}; rebuild the data with data_pipeline/build.py")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tokenizer_field(path: Path, tok: Any) -> dict[str, Any]:
+    if not isinstance(tok, dict):
+        raise _bad(path, f"'tokenizer' must be an object with name, vocab_size, eot_id, got {tok!r}")
+    for key, ok in (
+        ("name", isinstance(tok.get("name"), str)),
+        ("vocab_size", _is_int(tok.get("vocab_size"))),
+    ):
+        if not ok:
+            raise _bad(path, f"'tokenizer.{key}' is {tok.get(key)!r}")
+    if not _is_int(tok.get("eot_id")) or tok["eot_id"] >= tok["vocab_size"]:
+        raise _bad(path, f"'tokenizer.eot_id' is {tok.get('eot_id')!r} (vocab_size {tok['vocab_size']})")
+    return tok
+
+
+def _dtype_field(path: Path, dtype: Any) -> str:
+    if dtype not in TOKEN_DTYPES:
+        raise _bad(path, f"'dtype' is {dtype!r}; token ids are stored as one of {', '.join(TOKEN_DTYPES)}")
+    return dtype
+
+
+def _splits_field(path: Path, splits: Any) -> dict[str, SplitInfo]:
+    if not isinstance(splits, dict) or not splits:
+        raise _bad(path, f"'splits' must be an object of splits (e.g. {{\"train\": ...}}), got {splits!r}")
+    out = {}
+    for name, split in splits.items():
+        where = f"splits.{name}"
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise _bad(path, f"'{where}' must be an object with a 'shards' list")
+        for key in ("tokens", "documents"):
+            if not _is_int(split.get(key)):
+                raise _bad(path, f"'{where}.{key}' is {split.get(key)!r}")
+        shards = [_shard_field(path, f"{where}.shards[{k}]", sh) for k, sh in enumerate(split["shards"])]
+        out[name] = SplitInfo(split["tokens"], split["documents"], shards)
+    return out
+
+
+def _shard_field(path: Path, where: str, shard: Any) -> ShardInfo:
+    keys = ("bin", "idx", "tokens", "documents", "sha256")
+    if not isinstance(shard, dict) or not set(keys) <= set(shard):
+        raise _bad(path, f"'{where}' must be an object with {', '.join(keys)}")
+    for key in ("bin", "idx"):
+        _inside(path, f"{where}.{key}", shard[key])
+    for key in ("tokens", "documents"):
+        if not _is_int(shard[key]):
+            raise _bad(path, f"'{where}.{key}' is {shard[key]!r}")
+    if not isinstance(shard["sha256"], str):
+        raise _bad(path, f"'{where}.sha256' is {shard['sha256']!r}")
+    return ShardInfo(*(shard[k] for k in keys))
+
+
+def _inside(path: Path, where: str, rel: Any) -> None:
+    """Shard paths are relative and stay inside the data directory: a manifest never points elsewhere."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    if not parts or rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive or ".." in parts:
         raise DataError(
-            f"{path}: malformed manifest (missing or bad field {exc}); rebuild the data"
-        ) from None
+            f"{path}: '{where}' is {rel!r}: shard paths must be relative to the data directory and stay "
+            "inside it (no absolute paths, no '..'); rebuild the data with data_pipeline/build.py"
+        )
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

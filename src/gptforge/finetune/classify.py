@@ -47,7 +47,7 @@ class GPTClassifier(nn.Module):
             )
         t = self.transformer
         positions = torch.arange(idx.size(1), device=idx.device)
-        x = t.drop(t.wte(idx) + t.wpe(positions))
+        x = t.drop(t.wpe(t.wte(idx), positions))  # learned/sinusoidal positions added; rope: in attention
         for block in t.h:
             x = block(x)
         return t.ln_f(x)

@@ -7,17 +7,17 @@ last real token; an instruction example its response tokens. Batches are right-p
 attention a real token never sees the padding after it, so no attention mask is needed and a padded row
 computes what it would alone.
 
-Order: epoch `e` visits the examples in `permutation(seed, e)` (or, with class balancing, a draw with
-replacement weighted 1 / class size); a global batch is the next `G` positions of that order and
-data-parallel rank `r` takes the `r`-th slice, so the position in the data is the number of samples
-consumed, as in `gptforge.data.loader`.
+Order and batching are pre-training's (`gptforge.data.order`): epoch `e` visits the examples in a keyed
+permutation (or, with class balancing, draws with replacement weighted 1 / class size); a global batch
+is the next `G` positions of that order and data-parallel rank `r` takes the `r`-th slice
+(`RankBatches`), so the position in the data is the number of samples consumed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gptforge.data.order import SampleOrder
 from gptforge.errors import DataError
 from gptforge.model.loss import IGNORE_INDEX
 
@@ -121,34 +122,6 @@ class Examples:
 # ---------------------------------------------------------------------------------------------- order
 
 
-class ExampleOrder:
-    """Which example sits at each global position: a pure function of (seed, epoch)."""
-
-    def __init__(self, n: int, seed: int, weights: np.ndarray | None = None) -> None:
-        self.n = n
-        self.seed = seed
-        self.p = None if weights is None else weights / weights.sum()
-        self._orders: dict[int, np.ndarray] = {}
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) >= 2:  # a batch spans at most two epochs
-                self._orders.pop(min(self._orders))
-            rng = np.random.default_rng([self.seed, epoch])
-            self._orders[epoch] = (
-                rng.permutation(self.n) if self.p is None else rng.choice(self.n, self.n, p=self.p)
-            )
-        return self._orders[epoch]
-
-    def positions(self, start: int, count: int) -> np.ndarray:
-        pos = np.arange(start, start + count)
-        out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(pos // self.n):
-            sel = pos // self.n == epoch
-            out[sel] = self.order(int(epoch))[pos[sel] % self.n]
-        return out
-
-
 def balanced_weights(labels: Sequence[int]) -> np.ndarray:
     """Sampling weight 1 / (size of the example's class): every class is drawn equally often."""
     labels = np.asarray(labels)
@@ -156,41 +129,35 @@ def balanced_weights(labels: Sequence[int]) -> np.ndarray:
     return 1.0 / counts[labels]
 
 
-class FinetuneBatches:
-    """This rank's micro-batches of each global batch, from the number of samples consumed so far."""
+class ExampleSet:
+    """Examples in the trainer's sample order (`SampleOrder`: a permutation per epoch, or with weights
+    draws with replacement), for `RankBatches`: position -> example -> padded tensors."""
 
-    def __init__(
-        self,
-        examples: Examples,
-        order: ExampleOrder,
-        micro_batch: int,
-        grad_accum: int,
-        dp_rank: int,
-        dp_size: int,
-        pad_id: int,
-    ) -> None:
+    def __init__(self, examples: Examples, order: SampleOrder, pad_id: int) -> None:
         self.examples = examples
         self.order = order
-        self.micro_batch = micro_batch
-        self.grad_accum = grad_accum
-        self.dp_rank = dp_rank
-        self.global_batch = micro_batch * grad_accum * dp_size
         self.pad_id = pad_id
 
-    def step(self, consumed: int) -> Iterator[tuple[Tensor, Tensor]]:
-        local = self.micro_batch * self.grad_accum
-        samples = self.order.positions(consumed + self.dp_rank * local, local)
-        for m in range(self.grad_accum):
-            yield self.examples.batch(samples[m * self.micro_batch : (m + 1) * self.micro_batch], self.pad_id)
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def positions(self, start: int, count: int) -> np.ndarray:
+        return self.order.positions(start, count)
+
+    def stack(self, samples: np.ndarray) -> tuple[Tensor, Tensor]:
+        return self.examples.batch(samples, self.pad_id)
+
+    def empty_error(self) -> str:
+        return "no fine-tuning examples"
 
     def tokens(self, start: int, count: int) -> int:
         """Real (unpadded) input tokens of the samples at positions [start, start + count), all ranks'."""
         return int(self.examples.lengths[self.order.positions(start, count)].sum())
 
 
-def eval_batches(
+def example_eval_batches(
     examples: Examples, micro_batch: int, dp_rank: int, dp_size: int, pad_id: int
 ) -> list[tuple[Tensor, Tensor]]:
-    """Every example once, this rank's contiguous share, in micro-batches."""
+    """Every example once, this rank's contiguous share, in micro-batches (padded with `pad_id`)."""
     mine = np.array_split(np.arange(len(examples)), dp_size)[dp_rank]
     return [examples.batch(mine[i : i + micro_batch], pad_id) for i in range(0, len(mine), micro_batch)]

@@ -3,7 +3,8 @@
 A (r x in) starts like a linear layer's weight and B (out x r) at zero, so the adapted model starts as
 the base model, exactly. The adapter keeps the base layer's parameter names (`weight`, `bias`) and adds
 `lora_A` / `lora_B`, so a checkpoint of an adapted model holds the base weights under their usual names;
-`merge_lora_weights` folds the update into them (W + (alpha / r) B A) for generation and export.
+`merge_lora_weights` (in `gptforge.weights`, which reads saved models) folds the update into them
+(W + (alpha / r) B A) for generation and export.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptforge.errors import ConfigError
+from gptforge.weights import merge_lora_weights as merge_lora_weights
 
 TARGETS = ("c_attn", "c_proj", "attn.c_proj", "c_fc", "mlp.c_proj")
-LORA_A, LORA_B = "lora_A", "lora_B"
 
 
 class LoRALinear(nn.Linear):
@@ -75,16 +76,3 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
             setattr(model.get_submodule(parent_name), attr, LoRALinear(module, rank, alpha, dropout))
             adapted.append(name)
     return adapted
-
-
-def merge_lora_weights(state_dict: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """A plain state dict from an adapted one: each `X.weight` += scale * `X.lora_B` @ `X.lora_A`
-    (computed in fp32), the LoRA tensors dropped."""
-    merged = {k: v for k, v in state_dict.items() if not k.endswith((f".{LORA_A}", f".{LORA_B}"))}
-    for key, a in state_dict.items():
-        if key.endswith(f".{LORA_A}"):
-            prefix = key[: -len(LORA_A)]
-            weight = merged[prefix + "weight"]
-            update = state_dict[prefix + LORA_B].float() @ a.float()
-            merged[prefix + "weight"] = (weight.float() + scale * update).to(weight.dtype)
-    return merged

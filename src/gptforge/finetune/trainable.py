@@ -36,7 +36,7 @@ def select_trainable(model: nn.Module, ft: FinetuneConfig, head: nn.Module | Non
     return "all layers"
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, a tied weight counted once."""
     params = list(model.parameters())  # deduplicated
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

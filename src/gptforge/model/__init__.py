@@ -1,4 +1,4 @@
-"""The GPT-2 model and its size arithmetic."""
+"""The decoder (GPT-2 by default, Llama-style by config) and its size arithmetic."""
 
 from gptforge.model.gpt import GPT, Block, CausalSelfAttention, KVCache
 from gptforge.model.loss import LMLoss, chunked_cross_entropy

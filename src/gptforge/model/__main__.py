@@ -12,6 +12,7 @@ from gptforge.model.size import (
     flops_per_token,
     memory_report,
     parameters_per_layer,
+    position_parameters,
 )
 
 GPT2_VOCAB = 50257
@@ -39,12 +40,16 @@ def main(argv: list[str]) -> int:
         f"context_length={cfg.context_length} vocab_size={cfg.vocab_size} "
         f"bias={cfg.bias} tie_embeddings={cfg.tie_embeddings}"
     )
+    print(
+        f"architecture: position_embedding={cfg.position_embedding} norm={cfg.norm} mlp={cfg.mlp} "
+        f"ffn_hidden={cfg.ffn_dim} n_kv_head={cfg.kv_heads}"
+    )
     print(f"parameters: {n:,}")
     print(
         f"  token embedding   {cfg.vocab_size * cfg.d_model:>15,}"
         + ("  (tied with the LM head)" if cfg.tie_embeddings else "")
     )
-    print(f"  position table    {cfg.context_length * cfg.d_model:>15,}")
+    print(f"  position table    {position_parameters(cfg):>15,}")
     print(
         f"  blocks            {cfg.n_layer * parameters_per_layer(cfg):>15,}  ({parameters_per_layer(cfg):,} per layer)"
     )

@@ -3,9 +3,9 @@
 Spec order (index: layer):
 
     0          TiedLayerSpec "embed": token embedding (wte)          } always on the first stage
-    1          PositionPipe: + position embedding (wpe), dropout     }
+    1          PositionPipe: + position embedding (wpe), dropout     }   (adds nothing for rope)
     2..L+1     BlockPipe: transformer block i-2 (tensor-parallel inside when tp > 1)
-    L+2        FinalNormPipe: ln_f                                   } always on the last stage
+    L+2        FinalNormPipe: ln_f (LayerNorm or RMSNorm)            } always on the last stage
     L+3        TiedLayerSpec "embed" again, run as the LM head       }   (HeadPipe when untied)
 
 The embedding and the head are one tied module: DeepSpeed builds it on the first and the last stage and
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
@@ -33,14 +32,14 @@ from torch import nn
 
 from gptforge.config import ModelConfig
 from gptforge.errors import CheckpointError
-from gptforge.model.gpt import Block, LMLoss
-from gptforge.model.size import parameters_per_layer
+from gptforge.model.gpt import POSITIONS, Block, LMLoss
+from gptforge.model.size import norm_parameters, parameters_per_layer, position_parameters
 from gptforge.model.tensor_parallel import (
     VocabParallelCrossEntropy,
     VocabParallelEmbedding,
     copy_to_tp_region,
-    gather_tp_tensors,
     parallelize_block,
+    qkv_sizes,
     shard_tensor,
 )
 from gptforge.parallel.topology import Topology, padded_vocab_size, parse_pp_partition
@@ -104,11 +103,11 @@ class PositionPipe(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.wpe = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.wpe = POSITIONS[cfg.position_embedding][0](cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, tok: torch.Tensor) -> torch.Tensor:
-        return self.drop(tok + self.wpe(torch.arange(tok.size(1), device=tok.device)))
+        return self.drop(self.wpe(tok, torch.arange(tok.size(1), device=tok.device)))
 
 
 class BlockPipe(Block):
@@ -129,6 +128,14 @@ class FinalNormPipe(nn.LayerNorm):
         super().__init__(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
 
 
+class FinalRMSNormPipe(nn.RMSNorm):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model, eps=cfg.layer_norm_eps)
+
+
+FINAL_NORMS = {"layernorm": FinalNormPipe, "rmsnorm": FinalRMSNormPipe}  # DeepSpeed builds classes only
+
+
 def layer_specs(cfg: ModelConfig, topology: Topology | None = None) -> list[LayerSpec]:
     """The GPT as pipeline layer specs (see the module docstring for the order)."""
     embed = TiedLayerSpec("embed", EmbeddingPipe, cfg, topology, tied_weight_attr=["wte.weight"])
@@ -139,7 +146,7 @@ def layer_specs(cfg: ModelConfig, topology: Topology | None = None) -> list[Laye
     else:
         head = LayerSpec(HeadPipe, cfg, topology)
     blocks = [LayerSpec(BlockPipe, cfg, topology) for _ in range(cfg.n_layer)]
-    return [embed, LayerSpec(PositionPipe, cfg), *blocks, LayerSpec(FinalNormPipe, cfg), head]
+    return [embed, LayerSpec(PositionPipe, cfg), *blocks, LayerSpec(FINAL_NORMS[cfg.norm], cfg), head]
 
 
 def loss_fn(cfg: ModelConfig, topology: Topology | None = None) -> nn.Module:
@@ -162,7 +169,7 @@ def _spec_weights(cfg: ModelConfig, method: str) -> list[int]:
     if method == "uniform":
         return [0, 0] + [1] * n + [0, 0]
     d, v = cfg.d_model, cfg.vocab_size
-    return [v * d, cfg.context_length * d] + [parameters_per_layer(cfg)] * n + [d + d * int(cfg.bias), v * d]
+    return [v * d, position_parameters(cfg)] + [parameters_per_layer(cfg)] * n + [norm_parameters(cfg), v * d]
 
 
 def stage_parts(cfg: ModelConfig, pp: int, partition: str = "uniform") -> list[int]:
@@ -312,24 +319,4 @@ def load_serial_state_dict(
                 f"the serial state dict has no {serial_name} (needed for pipeline weight {name}); "
                 f"is it a checkpoint of this model shape?"
             )
-        tensor.copy_(shard_tensor(serial_name, serial[serial_name], rank, tp))
-
-
-def gather_serial_state_dict(
-    module: nn.Module, cfg: ModelConfig, topology: Topology
-) -> dict[str, torch.Tensor]:
-    """The full serial GPT state dict from every stage and tp shard (collective over the world; every
-    rank gets it). What export and layout-changing checkpoint conversion need."""
-    local = {pipeline_to_serial_name(n, cfg): t for n, t in module.state_dict().items()}
-    local = (
-        gather_tp_tensors(local, topology, cfg.vocab_size)
-        if topology.tp > 1
-        else {n: t.detach().clone() for n, t in local.items()}
-    )
-    if topology.pp > 1:
-        stages: list[Any] = [None] * topology.pp
-        dist.all_gather_object(stages, local, group=topology.get_pipe_parallel_group())
-        local = {n: t for part in stages for n, t in part.items()}
-    if cfg.tie_embeddings:
-        local["lm_head.weight"] = local["transformer.wte.weight"]
-    return local
+        tensor.copy_(shard_tensor(serial_name, serial[serial_name], rank, tp, qkv_sizes(cfg)))

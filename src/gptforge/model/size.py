@@ -22,33 +22,56 @@ def _vocab(cfg: ModelConfig) -> int:
     return cfg.vocab_size
 
 
+def norm_parameters(cfg: ModelConfig) -> int:
+    """One norm: LayerNorm's gain (+ bias with model.bias), or RMSNorm's gain."""
+    return cfg.d_model + (cfg.d_model * int(cfg.bias) if cfg.norm == "layernorm" else 0)
+
+
+def attention_parameters(cfg: ModelConfig) -> int:
+    """Fused QKV (n_head query + 2 x n_kv_head key/value heads) + output projection."""
+    d, b, hd = cfg.d_model, int(cfg.bias), cfg.head_dim
+    qkv = (cfg.n_head + 2 * cfg.kv_heads) * hd
+    return d * qkv + qkv * b + cfg.n_head * hd * d + d * b
+
+
+def mlp_parameters(cfg: ModelConfig) -> int:
+    """GELU: in + out projections; SwiGLU: gate + in + out."""
+    d, b, f = cfg.d_model, int(cfg.bias), cfg.ffn_dim
+    inputs = 2 if cfg.mlp == "swiglu" else 1
+    return inputs * (d * f + f * b) + f * d + d * b
+
+
 def parameters_per_layer(cfg: ModelConfig) -> int:
-    """One Block: attention (fused QKV + output projection), 4x MLP, two LayerNorms."""
-    d, b = cfg.d_model, int(cfg.bias)
-    attn = 3 * d * d + 3 * d * b + d * d + d * b
-    mlp = 4 * d * d + 4 * d * b + 4 * d * d + d * b
-    norms = 2 * (d + d * b)
-    return attn + mlp + norms
+    """One Block: attention, MLP, two norms."""
+    return attention_parameters(cfg) + mlp_parameters(cfg) + 2 * norm_parameters(cfg)
+
+
+def position_parameters(cfg: ModelConfig) -> int:
+    """The learned position table; sinusoidal and rotary positions have no parameters."""
+    return cfg.context_length * cfg.d_model if cfg.position_embedding == "learned" else 0
 
 
 def count_parameters(cfg: ModelConfig) -> int:
     """Exactly sum(p.numel() for p in GPT(cfg).parameters()), tied weights counted once."""
     d, v = cfg.d_model, _vocab(cfg)
-    embeddings = v * d + cfg.context_length * d
+    embeddings = v * d + position_parameters(cfg)
     head = 0 if cfg.tie_embeddings else v * d
-    ln_f = d + d * int(cfg.bias)
-    return embeddings + cfg.n_layer * parameters_per_layer(cfg) + ln_f + head
+    return embeddings + cfg.n_layer * parameters_per_layer(cfg) + norm_parameters(cfg) + head
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token: the blocks' linear weights and the LM head (biases,
-    LayerNorms and the embedding lookups are not matmuls)."""
-    return cfg.n_layer * 12 * cfg.d_model**2 + _vocab(cfg) * cfg.d_model
+    norms and the embedding lookups are not matmuls)."""
+    d, hd, f = cfg.d_model, cfg.head_dim, cfg.ffn_dim
+    attn = d * (cfg.n_head + 2 * cfg.kv_heads) * hd + cfg.n_head * hd * d
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f
+    return cfg.n_layer * (attn + mlp) + _vocab(cfg) * d
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Training FLOPs per token (forward + backward): 6 * matmul params + 12 * n_layer * d_model * seq_len
-    for attention scores and values (PaLM's convention, which counts the causal half that is skipped)."""
+    for attention scores and values (PaLM's convention, which counts the causal half that is skipped;
+    grouped-query attention computes as many scores as multi-head, so the term does not change)."""
     t = cfg.context_length if seq_len is None else seq_len
     return 6 * matmul_parameters(cfg) + 12 * cfg.n_layer * cfg.d_model * t
 

@@ -5,6 +5,11 @@ A transformer block needs two all-reduces forward and two backward (Megatron-LM,
     x -> copy -> ColumnParallel(QKV: heads split) -> attention on local heads -> RowParallel(out) -> reduce
     x -> copy -> ColumnParallel(MLP in: 4C split)  -> GELU (local)            -> RowParallel(out) -> reduce
 
+Grouped-query attention splits the query heads and the key/value heads alike (each rank keeps whole KV
+heads with the query heads they serve), so tp must divide n_kv_head: a KV head is never split or
+replicated (`validate_layout` refuses tp > n_kv_head). SwiGLU's gate and input projections are both
+column-parallel; RMSNorm, like LayerNorm, is replicated.
+
 `copy` is identity forward / all-reduce backward; `reduce` is all-reduce forward / identity backward.
 The embedding and the tied LM head split the (padded) vocabulary, and the loss is computed on the vocab
 shards without ever gathering the logits (`vocab_parallel_cross_entropy`).
@@ -337,7 +342,8 @@ class VocabParallelCrossEntropy(nn.Module):
 # ---------------------------------------------------------------------------------------------- sharding rules
 # One table says how each serial GPT weight is split (torchtitan's "parallelize plan"). Keys are matched
 # against the end of a state-dict name; anything not listed is replicated on every tp rank.
-#   column: split dim 0 (output rows);  row: split dim 1 (input columns);  qkv: column, per q/k/v part;
+#   column: split dim 0 (output rows);  row: split dim 1 (input columns);  qkv: column, per q/k/v part
+#   (the parts' sizes are `qkv_sizes(cfg)`: q is n_head heads, k and v n_kv_head heads each);
 #   vocab: column over the padded vocabulary.
 
 TP_PLAN: dict[str, tuple[str, int]] = {
@@ -346,10 +352,31 @@ TP_PLAN: dict[str, tuple[str, int]] = {
     "attn.c_proj.weight": ("row", 1),
     "mlp.c_fc.weight": ("column", 0),
     "mlp.c_fc.bias": ("column", 0),
+    "mlp.c_gate.weight": ("column", 0),
+    "mlp.c_gate.bias": ("column", 0),
     "mlp.c_proj.weight": ("row", 1),
     "wte.weight": ("vocab", 0),
     "lm_head.weight": ("vocab", 0),
 }
+
+
+QKV = tuple[int, int, int]
+
+
+def qkv_sizes(cfg: Any) -> QKV:
+    """Rows of the fused QKV projection that are q, k and v (a ModelConfig)."""
+    return cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+
+
+def _qkv_parts(full: torch.Tensor, dim: int, qkv: QKV | None, tp: int = 1) -> list[torch.Tensor]:
+    """q, k, v of a fused QKV tensor (or of one tp shard of it: sizes / tp). Without `qkv`, a weight's
+    input width is the query width (d_model) and k, v share the rest; a bias splits in three equal parts
+    (multi-head attention)."""
+    if qkv is None:
+        rows = full.size(dim)
+        q = full.size(1) if full.dim() == 2 else rows // 3 * tp
+        qkv = (q, (rows * tp - q) // 2, (rows * tp - q) // 2)
+    return list(full.split([n // tp for n in qkv], dim=dim))
 
 
 def tp_rule(name: str) -> tuple[str, int] | None:
@@ -359,8 +386,11 @@ def tp_rule(name: str) -> tuple[str, int] | None:
     return None
 
 
-def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
-    """This tp rank's shard of one full serial weight (for tp > 1, vocab weights padded to 128*tp rows first)."""
+def shard_tensor(
+    name: str, full: torch.Tensor, tp_rank: int, tp: int, qkv: QKV | None = None
+) -> torch.Tensor:
+    """This tp rank's shard of one full serial weight (for tp > 1, vocab weights padded to 128*tp rows first).
+    `qkv` = `qkv_sizes(cfg)`, needed for a grouped-query attention QKV bias."""
     rule = tp_rule(name)
     if rule is None or tp == 1:  # tp=1 is the serial model: unpadded
         return full
@@ -374,19 +404,22 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.
         )
     if kind == "qkv":
         return torch.cat(
-            [part.chunk(tp, dim=dim)[tp_rank] for part in full.chunk(3, dim=dim)], dim=dim
+            [part.chunk(tp, dim=dim)[tp_rank] for part in _qkv_parts(full, dim, qkv)], dim=dim
         ).clone()
     return full.chunk(tp, dim=dim)[tp_rank].clone()
 
 
-def merge_shards(name: str, shards: list[torch.Tensor], vocab_size: int | None = None) -> torch.Tensor:
+def merge_shards(
+    name: str, shards: list[torch.Tensor], vocab_size: int | None = None, qkv: QKV | None = None
+) -> torch.Tensor:
     """The full serial weight from every tp rank's shard, in tp-rank order (vocab padding removed)."""
     rule = tp_rule(name)
     if rule is None or len(shards) == 1:
         return shards[0]
     kind, dim = rule
     if kind == "qkv":
-        parts = [torch.cat([s.chunk(3, dim=dim)[i] for s in shards], dim=dim) for i in range(3)]
+        split = [_qkv_parts(s, dim, qkv, len(shards)) for s in shards]
+        parts = [torch.cat([s[i] for s in split], dim=dim) for i in range(3)]
         return torch.cat(parts, dim=dim)
     full = torch.cat(shards, dim=dim)
     if kind == "vocab" and vocab_size is not None:
@@ -394,21 +427,25 @@ def merge_shards(name: str, shards: list[torch.Tensor], vocab_size: int | None =
     return full
 
 
-def shard_state_dict(full: dict[str, torch.Tensor], tp_rank: int, tp: int) -> dict[str, torch.Tensor]:
+def shard_state_dict(
+    full: dict[str, torch.Tensor], tp_rank: int, tp: int, qkv: QKV | None = None
+) -> dict[str, torch.Tensor]:
     """This tp rank's part of a full serial state dict: loading serial weights (a checkpoint written under
     another layout, Hugging Face weights) into a tp model."""
-    return {name: shard_tensor(name, t, tp_rank, tp) for name, t in full.items()}
+    return {name: shard_tensor(name, t, tp_rank, tp, qkv) for name, t in full.items()}
 
 
 # ---------------------------------------------------------------------------------------------- the GPT
 
 
-def _column_from(linear: nn.Linear, group: Any, rank: int, tp: int, name: str) -> ColumnParallelLinear:
+def _column_from(
+    linear: nn.Linear, group: Any, rank: int, tp: int, name: str, qkv: QKV | None = None
+) -> ColumnParallelLinear:
     layer = ColumnParallelLinear(linear.in_features, linear.out_features, group, bias=linear.bias is not None)
     with torch.no_grad():
-        layer.weight.copy_(shard_tensor(f"{name}.weight", linear.weight, rank, tp))
+        layer.weight.copy_(shard_tensor(f"{name}.weight", linear.weight, rank, tp, qkv))
         if linear.bias is not None:
-            layer.bias.copy_(shard_tensor(f"{name}.bias", linear.bias, rank, tp))
+            layer.bias.copy_(shard_tensor(f"{name}.bias", linear.bias, rank, tp, qkv))
     return layer.to(linear.weight.device, linear.weight.dtype)
 
 
@@ -440,14 +477,21 @@ def _tp_dropout_hooks(attn: nn.Module) -> None:
 
 
 def parallelize_block(block: nn.Module, group: Any, rank: int, tp: int, dropout: float = 0.0) -> nn.Module:
-    """Shard one `gptforge.model.Block` in place: attention heads and the MLP hidden dim split over tp."""
+    """Shard one `gptforge.model.Block` in place: query and key/value heads and the MLP hidden dim (GELU's
+    input, or SwiGLU's gate and input) split over tp; the norms stay replicated."""
     attn, mlp = block.attn, block.mlp
-    if attn.n_head % tp:
-        raise ValueError(f"n_head {attn.n_head} is not divisible by tp {tp}")
-    attn.c_attn = _column_from(attn.c_attn, group, rank, tp, "attn.c_attn")
+    if attn.n_head % tp or attn.n_kv_head % tp:
+        raise ValueError(
+            f"n_head {attn.n_head} and n_kv_head {attn.n_kv_head} must both be divisible by tp {tp}"
+        )
+    hd = attn.head_dim
+    qkv = (attn.n_head * hd, attn.n_kv_head * hd, attn.n_kv_head * hd)
+    attn.c_attn = _column_from(attn.c_attn, group, rank, tp, "attn.c_attn", qkv)
     attn.c_proj = _row_from(attn.c_proj, group, rank, tp, "attn.c_proj")
-    attn.n_head //= tp  # the forward reshapes by n_head * head_dim: now the local heads
-    mlp.c_fc = _column_from(mlp.c_fc, group, rank, tp, "mlp.c_fc")
+    attn.n_head //= tp  # the forward reshapes by n_head (and the rest of c_attn's width): the local heads
+    for name, child in list(mlp.named_children()):
+        if name in ("c_fc", "c_gate"):
+            setattr(mlp, name, _column_from(child, group, rank, tp, f"mlp.{name}"))
     mlp.c_proj = _row_from(mlp.c_proj, group, rank, tp, "mlp.c_proj")
     if dropout > 0:
         _tp_dropout_hooks(attn)
@@ -495,10 +539,11 @@ def parallelize_tensor(model: nn.Module, topology: Any) -> nn.Module:
 
 
 def gather_tp_tensors(
-    named: dict[str, torch.Tensor], topology: Any, vocab_size: int | None = None
+    named: dict[str, torch.Tensor], topology: Any, vocab_size: int | None = None, qkv: QKV | None = None
 ) -> dict[str, torch.Tensor]:
     """Full serial tensors from tp-sharded ones named like the serial GPT's (weights or their grads).
-    Collective over the tp group; every tp rank gets the full dict; vocabulary padding is dropped."""
+    Collective over the tp group; every tp rank gets the full dict; vocabulary padding is dropped.
+    `qkv` = `qkv_sizes(cfg)` (needed for a grouped-query attention QKV bias)."""
     tp = topology.get_tensor_model_parallel_world_size()
     group = topology.get_tensor_model_parallel_group() if tp > 1 else None
     out = {}
@@ -507,7 +552,7 @@ def gather_tp_tensors(
         if tp > 1 and tp_rule(name) is not None:
             shards = [torch.empty_like(tensor) for _ in range(tp)]
             dist.all_gather(shards, tensor.contiguous(), group=group)
-            tensor = merge_shards(name, shards, vocab_size)
+            tensor = merge_shards(name, shards, vocab_size, qkv)
         out[name] = tensor.clone()
     return out
 
@@ -515,4 +560,6 @@ def gather_tp_tensors(
 def gather_full_state_dict(model: nn.Module, topology: Any) -> dict[str, torch.Tensor]:
     """The serial GPT's state dict from a tp-sharded model (collective over the tp group), loadable
     into the serial `GPT` (vocabulary padding dropped): what checkpoints-for-export and HF export need."""
-    return gather_tp_tensors(model.state_dict(), topology, getattr(model, "tp_vocab_size", None))
+    return gather_tp_tensors(
+        model.state_dict(), topology, getattr(model, "tp_vocab_size", None), qkv_sizes(model.cfg)
+    )

@@ -67,10 +67,12 @@ def checkpoint_blocks(model: nn.Module) -> None:
     for block in model.transformer.h:
         run = block.forward
 
-        def forward(x: torch.Tensor, mask: Any = None, cache: Any = None, _run: Any = run) -> torch.Tensor:
+        def forward(
+            x: torch.Tensor, mask: Any = None, cache: Any = None, positions: Any = None, _run: Any = run
+        ) -> torch.Tensor:
             if mask is None and cache is None and torch.is_grad_enabled():
-                return checkpoint(_run, x)
-            return _run(x, mask, cache)
+                return checkpoint(_run, x, None, None, positions)
+            return _run(x, mask, cache, positions)
 
         block.forward = forward
 

@@ -34,7 +34,13 @@ from dataclasses import dataclass
 
 from gptforge.config import Config, ModelConfig, ParallelConfig
 from gptforge.errors import ConfigError, GptforgeError
-from gptforge.model.size import flops_per_token, parameters_per_layer, state_bytes
+from gptforge.model.size import (
+    flops_per_token,
+    norm_parameters,
+    parameters_per_layer,
+    position_parameters,
+    state_bytes,
+)
 from gptforge.parallel.topology import padded_vocab_size, validate_layout
 
 GB = 1024**3
@@ -54,6 +60,7 @@ class Hardware:
     pcie_bw: float = 20e9  # host <-> GPU, for offload
     cpu_adam_params_per_s: float = 1e9  # per GPU's share of the host CPUs
     usable_fraction: float = 0.9
+    fs_bandwidth: float = 10e9  # bytes/s the shared filesystem takes from all ranks writing at once
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class Plan:
     fits_ckpt: bool  # with
     step_s: float  # for the cheapest way it fits (no checkpointing if possible)
     tokens_per_s: float
+    checkpoint_per_rank: int = 0  # bytes the busiest rank writes per checkpoint
+    save_s: float = 0.0  # one checkpoint, every rank writing its part at once, at Hardware.fs_bandwidth
 
     @property
     def checkpointing(self) -> bool:
@@ -116,10 +125,11 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int) -> list[tuple[int, int]
     """
     d, b = cfg.d_model, int(cfg.bias)
     vocab_rows = (padded_vocab_size(cfg.vocab_size, tp) // tp) if tp > 1 else cfg.vocab_size
-    replicated = 2 * d * b + 2 * (d + d * b)  # the two row-parallel biases, two LayerNorms
+    replicated = 2 * d * b + 2 * norm_parameters(cfg)  # the two row-parallel biases, two norms
     block = (parameters_per_layer(cfg) - replicated) // tp + replicated  # QKV, attn-out, MLP split over tp
-    largest_in_block = (4 * d * d + 4 * d * b) // tp  # MLP in (DeepSpeed counts per module)
-    embed, wpe = vocab_rows * d, cfg.context_length * d
+    qkv = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
+    largest_in_block = max(cfg.ffn_dim * (d + b), qkv * (d + b), cfg.ffn_dim * d + d * b) // tp  # per module
+    embed, wpe = vocab_rows * d, position_parameters(cfg)
     out = []
     for s in range(pp):
         n_blocks = cfg.n_layer // pp + (1 if s < cfg.n_layer % pp else 0)
@@ -128,12 +138,46 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int) -> list[tuple[int, int]
             params += embed + wpe
             largest = max(largest, embed, wpe)
         if s == pp - 1:
-            params += d + d * b
+            params += norm_parameters(cfg)
             if pp > 1 or not cfg.tie_embeddings:  # the head's weight (tied: a second copy on another stage)
                 params += embed
                 largest = max(largest, embed)
         out.append((params, largest))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 master weight + AdamW's two fp32 moments
+
+
+def checkpoint_bytes(cfg: ModelConfig, layout: Layout) -> tuple[int, int]:
+    """(bytes the busiest rank writes, bytes of the whole checkpoint): every rank writes only its part (a
+    dp-th of its stage's tp shard, ZeRO or not: replicas share the writing), nothing is gathered."""
+    stages = [p for p, _ in stage_parameters(cfg, layout.tp, layout.pp)]
+    if layout.pp > 1 and cfg.tie_embeddings:  # the last stage's copy of the tied embedding is not written
+        tp = layout.tp
+        stages[-1] -= (
+            padded_vocab_size(cfg.vocab_size, tp) // tp if tp > 1 else cfg.vocab_size
+        ) * cfg.d_model
+    per_rank = -(-max(stages) * CHECKPOINT_BYTES_PER_PARAMETER // layout.dp)
+    total = sum(stages) * layout.tp * CHECKPOINT_BYTES_PER_PARAMETER
+    return per_rank, total
+
+
+def save_warnings(plans: list[Plan], save_timeout_s: float) -> list[str]:
+    """Layouts whose preemption save may outlast the SLURM script's SAVE_TIMEOUT_S: at a signal the
+    trainer waits for the save in flight, then writes the final one (2 saves in the worst case)."""
+    slow = [p for p in plans if (p.fits or p.fits_ckpt) and 2 * p.save_s > save_timeout_s]
+    if not slow:
+        return []
+    worst = max(slow, key=lambda p: p.save_s)
+    return [
+        f"warning: {len(slow)} fitting layout(s) may not finish saving at preemption within SAVE_TIMEOUT_S="
+        f"{save_timeout_s:.0f}s (slurm/pretrain_8node.sh): e.g. {worst.layout.name} writes "
+        f"{worst.checkpoint_per_rank / GB:.1f} GB per rank, ~{worst.save_s:.0f}s per save, up to 2 saves at a "
+        "signal; raise SAVE_TIMEOUT_S, or use a faster filesystem (--fs-bandwidth)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -178,7 +222,10 @@ def activation_bytes(
     """Activation memory of one GPU of `stage` (see the module docstring for the formula)."""
     s, b, h, a, v = cfg.context_length, micro_batch, cfg.d_model, cfg.n_head, cfg.vocab_size
     scale = 2 if precision == "fp32" else 1  # the formula counts 2-byte activations
-    per_block = s * b * h * (10 + 24 / tp) * scale
+    # the tp-split part, 24 sbh for GPT-2: q + k + v + the attention output (4 + 4 kv/h), and the MLP's
+    # hidden activations (GELU: in + out, 4 F/h; SwiGLU: gate, up, silu, product, 8 F/h)
+    split = 4 + 4 * cfg.kv_heads / cfg.n_head + (8 if cfg.mlp == "swiglu" else 4) * cfg.ffn_dim / h
+    per_block = s * b * h * (10 + split / tp) * scale
     if not flash_attention:
         per_block += 5 * a * s * s * b / tp * scale
     n_blocks = cfg.n_layer // pp + (1 if stage < cfg.n_layer % pp else 0)
@@ -296,7 +343,9 @@ def plan(cfg: Config, hw: Hardware, flash_attention: bool = True) -> list[Plan]:
         fits, fits_ck = mem.total(False) <= budget, mem.total(True) <= budget
         step = step_seconds(cfg, layout, hw, micro, checkpointing=not fits)
         tokens = cfg.train.micro_batch_size * micro * layout.dp * cfg.model.context_length
-        plans.append(Plan(layout, mem, micro, fits, fits_ck, step, tokens / step))
+        per_rank, total = checkpoint_bytes(cfg.model, layout)
+        save_s = total / hw.fs_bandwidth
+        plans.append(Plan(layout, mem, micro, fits, fits_ck, step, tokens / step, per_rank, save_s))
     # equal speed (e.g. ZeRO-0 vs 1: the same bytes on the wire): the one leaving more memory free first
     plans.sort(
         key=lambda p: (
@@ -333,9 +382,10 @@ def format_plans(plans: list[Plan], hw: Hardware, total_params: int) -> str:
 
     lines = [
         f"{total_params / 1e6:.1f}M parameters on {hw.gpus} GPU(s) of {hw.gpu_mem / GB:.0f} GB "
-        f"({hw.gpus_per_node} per node); usable {hw.usable_fraction:.0%}; GB = GiB per GPU, busiest stage",
+        f"({hw.gpus_per_node} per node); usable {hw.usable_fraction:.0%}; GB = GiB per GPU, busiest stage; "
+        f"a checkpoint written at {hw.fs_bandwidth / 1e9:g} GB/s in all",
         f"{'layout':<34} {'weights':>7} {'grads':>7} {'optim':>7} {'act':>7} {'act+ckpt':>8} "
-        f"{'total':>7} {'w/ ckpt':>7}  {'fits':<9} {'tokens/s':>10}",
+        f"{'total':>7} {'w/ ckpt':>7}  {'fits':<9} {'tokens/s':>10} {'ckpt/rank':>9} {'save s':>6}",
     ]
     for p in plans:
         m = p.memory
@@ -343,7 +393,8 @@ def format_plans(plans: list[Plan], hw: Hardware, total_params: int) -> str:
         speed = f"{p.tokens_per_s:10.0f}" if p.fits or p.fits_ckpt else f"{'-':>10}"
         lines.append(
             f"{p.layout.name:<34} {gb(m.weights)} {gb(m.grads)} {gb(m.optimizer)} {gb(m.activations)} "
-            f"{gb(m.activations_ckpt):>8} {gb(m.total(False))} {gb(m.total(True))}  {fit:<9} {speed}"
+            f"{gb(m.activations_ckpt):>8} {gb(m.total(False))} {gb(m.total(True))}  {fit:<9} {speed} "
+            f"{gb(p.checkpoint_per_rank):>9} {p.save_s:6.1f}"
         )
     choice = best(plans)
     if choice is None:

@@ -129,6 +129,15 @@ def validate_layout(world_size: int, parallel: ParallelConfig, model: ModelConfi
                 f"model.n_head={model.n_head} is not divisible by parallel.tp={tp}: tensor parallelism splits "
                 f"whole attention heads across tp ranks; use tp in {ok}"
             )
+        if model.kv_heads % tp or model.ffn_dim % tp:
+            ok = [
+                d for d in range(1, model.kv_heads + 1) if model.kv_heads % d == 0 and model.ffn_dim % d == 0
+            ]
+            raise ConfigError(
+                f"model.n_kv_head={model.kv_heads} / model.ffn_hidden={model.ffn_dim} not divisible by "
+                f"parallel.tp={tp}: tensor parallelism gives each rank whole key/value heads (never split or "
+                f"replicated) and an equal part of the MLP width; use tp in {ok}"
+            )
         if model.n_layer < pp:
             raise ConfigError(
                 f"model.n_layer={model.n_layer} is fewer than parallel.pp={pp} pipeline stages; "

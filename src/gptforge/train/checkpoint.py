@@ -1,55 +1,78 @@
-"""Checkpoints: DeepSpeed's sharded format plus what exact resume needs, written so a crash never leaves a
-half checkpoint named as complete.
+"""Saving and resuming a run: the `Checkpointer` decides when to save, saves (in the background), loads
+into any layout, prunes old checkpoints and moves `latest`. The files are `gptforge.checkpoint_format`'s.
 
-    RUN/checkpoints/step_<N>/        DeepSpeed's files (mp_rank_00_model_states.pt, ZeRO optimizer shards)
-                   step_<N>/checkpoint.json    step, consumed samples, model shape, tokenizer, data manifest
-                                               sha256, layout, the resolved config (also DeepSpeed client state)
-                   step_<N>/rng_rank<R>.pt     every rank's RNG states (python, numpy, torch, cuda, and
-                                               the tensor-parallel dropout tracker's)
-                   step_<N>/universal/         the same weights and Adam moments in serial coordinates
-                                               (gptforge.parallel.universal), written by the pretraining
-                                               trainer: what resuming under another layout, generation,
-                                               export and convert_checkpoint read
-    RUN/checkpoints/latest           the name of the last complete checkpoint (DeepSpeed's own convention)
+A save: every rank copies the state it owns (`gptforge.train.fragments`) into a staging buffer (pinned
+host memory on GPU) and training continues; a background thread writes `step_<N>.tmp/rank_<R>.safetensors`
+and the rank's RNG states and fsyncs them; the ranks then agree that every file is durable (an all-gather
+on a side gloo group), and rank 0 writes index.json + checkpoint.json, fsyncs, renames the directory to
+`step_<N>`, replaces `latest` (write + rename + fsync) and prunes. At most one save is in flight: the next
+save, the end of the run and a preemption wait for it. A crash at any point leaves the previous `latest`.
 
-A checkpoint is written as `step_<N>.tmp`, renamed when every rank has finished, then `latest` is
-replaced (write + rename), then old ones beyond `train.keep_last` are pruned. The `layout` block records
-how the run was sharded: in the same layout DeepSpeed's own files resume it bit for bit; in another
-(dp with ZeRO, tp, pp, ZeRO stage, precision) `universal/` does (`check_resume(..., convertible=True)`,
-`load_converted`).
+One job per run directory: rank 0 holds `RUN/.lock` (host, pid, SLURM job) while it runs; a second job is
+refused, a stale lock (a dead process of this host, or the same SLURM job requeued) taken over.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
 import os
 import random
-import re
 import shutil
-from collections.abc import Callable
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from gptforge.config import ModelConfig, config_from_dict
+from gptforge.checkpoint_format import (
+    CHECKPOINTS,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    INDEX_FORMAT,
+    LATEST,
+    META_FILE,
+    Checkpoint,
+    complete_checkpoints,
+    latest_in,
+    load_checkpoint_weights,
+    rank_file,
+    read_meta,
+    resolve,
+    rng_file,
+)
+from gptforge.config import SHAPE_KEYS, ModelConfig, TrainConfig
 from gptforge.errors import CheckpointError
-from gptforge.weights import SHAPE_KEYS
+
+# The reading side, for the trainer's callers: they need not know which module reads.
+__all__ = [
+    "CHECKPOINTS",
+    "LATEST",
+    "META_FILE",
+    "Checkpointer",
+    "TrainState",
+    "check_resume",
+    "checkpoint_meta",
+    "latest_in",
+    "layout_changes",
+    "load_checkpoint_weights",
+    "read_meta",
+    "resolve",
+]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-META_FILE = "checkpoint.json"
-MODEL_STATES = "mp_rank_00_model_states.pt"
-FORMAT = "gptforge-checkpoint"
-FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+LOCK_FILE = ".lock"
+_SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 @dataclass
@@ -60,39 +83,12 @@ class TrainState:
     consumed_samples: int = 0
 
 
-# ---------------------------------------------------------------------------------------------- safe loading
-
-
-class SafeCheckpointEngine:
-    """DeepSpeed's checkpoint engine with `torch.load(weights_only=True)`: DeepSpeed loads its own files
-    with `weights_only=False` (which can run code from a checkpoint). The few DeepSpeed classes its
-    optimizer states contain are allow-listed by name; anything else is refused."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def load(self, path: str, map_location: Any = None) -> Any:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        with torch.serialization.safe_globals(
-            [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
-        ):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-                raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
-
-
 # ---------------------------------------------------------------------------------------------- RNG
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states, as tensors and plain values (loadable with weights_only=True)."""
+    """This process's RNG states, as tensors and plain values (loadable with weights_only=True). CUDA:
+    this process's device only, so a resume may see another number of GPUs."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -105,8 +101,8 @@ def rng_state() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     tracked = _tp_rng_tracker().get_states()
     if tracked:  # tensor parallelism: the per-tp-rank dropout state (Megatron's RNG tracker)
         state["tp_tracker"] = tracked
@@ -127,56 +123,98 @@ def set_rng_state(state: dict[str, Any]) -> None:
         (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # the current device's
     if "tp_tracker" in state:
         _tp_rng_tracker().set_states(state["tp_tracker"])
 
 
-# ---------------------------------------------------------------------------------------------- finding
+def _load_rng(path: Path) -> dict[str, Any]:
+    """A rank's RNG states: tensors and plain values only (`weights_only`: a pickle cannot run code)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
-def _step_of(path: Path) -> int:
-    m = _STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else -1
+def _reseed(seed: int, topology: Any) -> None:
+    from gptforge.parallel.parallelize import seed_model_parallel
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    seed_model_parallel(seed, topology)
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """`step_<N>` directories under `root`, oldest first (temporary `.tmp` ones are not checkpoints)."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and _step_of(p) >= 0), key=_step_of)
+# ---------------------------------------------------------------------------------------------- checks
 
 
-def latest_in(root: Path) -> Path | None:
-    """The checkpoint `root/latest` names; without a `latest` file (a crash between the rename and its
-    update) the newest complete `step_<N>`; None if there is neither."""
-    latest = root / LATEST
-    if not latest.is_file():
-        complete = [p for p in complete_checkpoints(root) if (p / META_FILE).is_file()]
-        return complete[-1] if complete else None
-    name = latest.read_text().strip()
-    step_dir = root / name
-    if not (step_dir / META_FILE).is_file():
-        raise CheckpointError(f"{latest} names '{name}', but {step_dir} is not a complete checkpoint")
-    return step_dir
+def check_resume(
+    meta: dict[str, Any],
+    step_dir: Path,
+    model_cfg: ModelConfig,
+    manifest_sha256: str,
+    layout: dict[str, Any],
+    allow_new_data: bool,
+) -> list[str]:
+    """Refuse to resume into another model shape or other data (unless allowed), naming the difference.
+    Returns how the layout changed (empty: the same); any change loads, except from the old format-1
+    checkpoints (DeepSpeed's files), which resume in their own layout only."""
+    # a key a checkpoint predates (the architecture options) has its default, GPT-2's
+    saved_model = {k: meta["model"].get(k, getattr(ModelConfig, k, None)) for k in SHAPE_KEYS}
+    diffs = [
+        f"model.{k}: checkpoint {saved_model.get(k)}, now {getattr(model_cfg, k)}"
+        for k in SHAPE_KEYS
+        if saved_model.get(k) != getattr(model_cfg, k)
+    ]
+    if diffs:
+        raise CheckpointError(f"{step_dir} is a checkpoint of another model shape ({'; '.join(diffs)})")
+    saved_data = meta["data"]
+    if saved_data["manifest_sha256"] != manifest_sha256 and not allow_new_data:
+        raise CheckpointError(
+            f"{step_dir} was trained on other data ({saved_data['path']}, manifest sha256 "
+            f"{saved_data['manifest_sha256'][:12]}...; now {manifest_sha256[:12]}...); pass --allow-new-data to "
+            "continue on this data (from the same sample position)"
+        )
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{step_dir} is a format-{meta.get('version')} checkpoint (DeepSpeed's own files), which this "
+            "gptforge no longer resumes; convert its weights with launch/convert_checkpoint.py and start from "
+            "them (model.init_from=checkpoint:DIR), or resume it with the gptforge that wrote it"
+        )
+    return layout_changes(meta["layout"], layout)
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory from a step directory, a `checkpoints/` directory or a run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if (path / META_FILE).is_file():
-        return path
-    for root in (path, path / CHECKPOINTS):
-        step_dir = latest_in(root)
-        if step_dir is not None:
-            return step_dir
-    raise CheckpointError(
-        f"{path} is not a checkpoint: expected a step directory (with {META_FILE}), a run directory or its "
-        f"{CHECKPOINTS}/ directory (with a '{LATEST}' file)"
-    )
+def layout_changes(saved: dict[str, Any], layout: dict[str, Any]) -> list[str]:
+    """How the sharding changed: tp, pp and its stage boundaries, the ZeRO stage, the precision, and the
+    number of dp ranks under ZeRO (which shards optimizer states by it)."""
+    changes = [
+        f"{key} {saved.get(key)} -> {layout.get(key)}"
+        for key in ("tp", "pp", "pp_parts", "zero_stage", "precision_mode")
+        if saved.get(key) != layout.get(key)
+    ]
+    if saved["dp"] != layout["dp"] and (saved["zero_stage"] > 0 or layout["zero_stage"] > 0):
+        changes.append(f"dp {saved['dp']} -> {layout['dp']} with ZeRO")
+    return changes
+
+
+def checkpoint_meta(
+    model_cfg: ModelConfig,
+    tokenizer: dict[str, Any],
+    data_path: str,
+    manifest_sha256: str,
+    layout: dict[str, Any],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """What a checkpoint records besides the step: enough to rebuild the model and to refuse a mismatch."""
+    return {
+        "model": dataclasses.asdict(model_cfg),
+        "tokenizer": tokenizer,
+        "data": {"path": data_path, "manifest_sha256": manifest_sha256},
+        "layout": layout,
+        "config": config,
+    }
 
 
 def find_resume(resume: str, run_dir: Path) -> Path | None:
@@ -196,101 +234,13 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     return resolve(resume)
 
 
-def read_meta(step_dir: Path) -> dict[str, Any]:
-    path = step_dir / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{step_dir} is not a checkpoint ({META_FILE} missing)") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {meta.get('version')}, this gptforge reads {FORMAT_VERSION}"
-        )
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-
-def check_resume(
-    meta: dict[str, Any],
-    step_dir: Path,
-    model_cfg: ModelConfig,
-    manifest_sha256: str,
-    layout: dict[str, Any],
-    allow_new_data: bool,
-    convertible: bool = False,
-) -> list[str]:
-    """Refuse to resume into another model shape or other data (unless allowed), naming the difference.
-    Returns how the layout changed (empty: the same); a change DeepSpeed's own files cannot load is
-    refused unless `convertible` (the caller loads `universal/` then: `load_converted`)."""
-    saved_model = meta["model"]
-    diffs = [
-        f"model.{k}: checkpoint {saved_model.get(k)}, now {getattr(model_cfg, k)}"
-        for k in SHAPE_KEYS
-        if saved_model.get(k) != getattr(model_cfg, k)
-    ]
-    if diffs:
-        raise CheckpointError(f"{step_dir} is a checkpoint of another model shape ({'; '.join(diffs)})")
-    saved_data = meta["data"]
-    if saved_data["manifest_sha256"] != manifest_sha256 and not allow_new_data:
-        raise CheckpointError(
-            f"{step_dir} was trained on other data ({saved_data['path']}, manifest sha256 "
-            f"{saved_data['manifest_sha256'][:12]}...; now {manifest_sha256[:12]}...); pass --allow-new-data to "
-            "continue on this data (from the same sample position)"
-        )
-    saved = meta["layout"]
-    changes = layout_changes(saved, layout)
-    if convertible or not changes:
-        return changes
-    for key in ("zero_stage", "tp", "pp", "precision_mode"):
-        if saved[key] != layout[key]:
-            raise CheckpointError(
-                f"{step_dir} was saved with {key}={saved[key]}, this run has {key}={layout[key]}, and it has no "
-                f"universal/ files to re-shard from (saved with train.save_universal=false): resume with the "
-                "saved setting"
-            )
-    if saved["dp"] != layout["dp"] and layout["zero_stage"] > 0:
-        raise CheckpointError(
-            f"{step_dir} was saved by {saved['dp']} data-parallel ranks with ZeRO-{saved['zero_stage']} (optimizer "
-            f"states sharded {saved['dp']} ways) and has no universal/ files to re-shard from (saved with "
-            f"train.save_universal=false): resume on {saved['dp']} data-parallel ranks"
-        )
-    raise CheckpointError(
-        f"{step_dir} was saved in another layout ({'; '.join(changes)}) and has no universal/ files to "
-        "re-shard from (saved with train.save_universal=false): resume with the saved setting"
-    )
-
-
-def layout_changes(saved: dict[str, Any], layout: dict[str, Any]) -> list[str]:
-    """The differences that DeepSpeed's sharded files cannot bridge: tp, pp and its stage boundaries, the
-    ZeRO stage, the precision, and the number of dp ranks under ZeRO (which shards optimizer states by it)."""
-    changes = [
-        f"{key} {saved.get(key)} -> {layout.get(key)}"
-        for key in ("tp", "pp", "pp_parts", "zero_stage", "precision_mode")
-        if saved.get(key) != layout.get(key)
-    ]
-    if saved["dp"] != layout["dp"] and (saved["zero_stage"] > 0 or layout["zero_stage"] > 0):
-        changes.append(f"dp {saved['dp']} -> {layout['dp']} with ZeRO")
-    return changes
-
-
-# ---------------------------------------------------------------------------------------------- save
+# ---------------------------------------------------------------------------------------------- files
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
@@ -305,10 +255,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def remove_incomplete(root: Path) -> None:
-    """Delete `step_<N>.tmp` leftovers of a save that was interrupted (rank 0, before training)."""
-    if root.is_dir():
-        for p in root.glob("step_*.tmp"):
-            log.info("removing incomplete checkpoint %s", p)
+    """Delete leftovers of an interrupted save: `step_<N>.tmp`, and `step_<N>.old` once `step_<N>` is
+    complete (rank 0, before training)."""
+    if not root.is_dir():
+        return
+    for p in root.glob("step_*.tmp"):
+        log.info("removing incomplete checkpoint %s", p)
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob("step_*.old"):
+        if (root / p.name.removesuffix(".old") / META_FILE).is_file():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -322,137 +277,372 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save(
-    engine: Any,
-    run_dir: Path,
-    state: TrainState,
-    meta: dict[str, Any],
-    dist_ctx: Any,
-    keep_last: int,
-    write_extra: Callable[[Path], None] | None = None,
-) -> Path:
-    """Collective: every rank writes its DeepSpeed shards and RNG state into `step_<N>.tmp` (and whatever
-    `write_extra(tmp_dir)` adds: the trainer's `universal/`); rank 0 adds checkpoint.json, renames the
-    directory, points `latest` at it and prunes old ones."""
-    root = run_dir / CHECKPOINTS
-    name = f"step_{state.step}"
-    tmp = root / f"{name}.tmp"
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "step": state.step,
-        "consumed_samples": state.consumed_samples,
-        **meta,
-    }
-    if dist_ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist_ctx.barrier()  # the directory exists before any rank writes into it
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"gptforge": meta}, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng_rank{dist_ctx.rank}.pt")
-    if write_extra is not None:
-        write_extra(tmp)
-    dist_ctx.barrier()
+def _commit(root: Path, tmp: Path, name: str, keep_last: int) -> Path:
+    """`tmp` (durable) becomes `name`, then `latest` names it. An existing `name` (the same step saved
+    again) is moved aside first and deleted only after `latest` is durable, so a crash in between leaves it
+    (as `<name>.old`, which `latest_in` falls back to)."""
+    _fsync_dir(tmp)
     final = root / name
-    if dist_ctx.is_main:
-        _write_atomic(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
-        if final.exists():  # the same step saved again (e.g. a run resumed and stopped before moving on)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, name + "\n")
-        _fsync_dir(root)
-        prune(root, keep_last)
-    dist_ctx.barrier()
+    old = root / f"{name}.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST, name + "\n")
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep_last)
     return final
 
 
-# ---------------------------------------------------------------------------------------------- load
+class RunLock:
+    """`RUN/.lock`: one job writes a run directory. Holds host, pid and SLURM job id."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.mine = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "job": os.environ.get("SLURM_JOB_ID"),
+        }
+
+    def acquire(self) -> None:
+        holder = self._holder()
+        if holder is not None and holder != self.mine:
+            if self._alive(holder):
+                raise CheckpointError(
+                    f"{self.path.parent} is in use by another job (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}{', SLURM job ' + holder['job'] if holder.get('job') else ''}): two jobs "
+                    f"writing one run directory would mix their checkpoints; use another run.dir, or delete "
+                    f"{self.path} if that job is gone"
+                )
+            log.warning("taking over the stale lock %s (%s)", self.path, holder)
+        _write_atomic(self.path, json.dumps(self.mine) + "\n")
+
+    def release(self) -> None:
+        if self._holder() == self.mine:
+            self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return None
+        return holder if isinstance(holder, dict) else {}
+
+    def _alive(self, holder: dict[str, Any]) -> bool:
+        """Whether the holder may still run: a process of this host that exists (not ours), or a job on
+        another host unless it is this SLURM job (requeued: the old one has ended)."""
+        if holder.get("job") and holder.get("job") == self.mine["job"]:
+            return False
+        if holder.get("host") != self.mine["host"]:
+            return True
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or pid == self.mine["pid"]:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
-def load(engine: Any, step_dir: Path, meta: dict[str, Any], dist_ctx: Any) -> TrainState:
-    """Collective: DeepSpeed restores weights and optimizer states; each rank restores its RNG states."""
-    load_path, _ = engine.load_checkpoint(
-        str(step_dir.parent),
-        tag=step_dir.name,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=False,
-        load_module_strict=True,
-    )
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint files in {step_dir}")
-    rng_file = step_dir / f"rng_rank{dist_ctx.rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    else:  # more ranks than the checkpoint had (ZeRO-0 allows it): a fresh, rank-distinct stream
-        log.warning(
-            "%s missing: this rank's RNG is seeded afresh (the resume is not bitwise exact)", rng_file
+# ---------------------------------------------------------------------------------------------- manager
+
+
+@dataclass
+class _Save:
+    """One save in flight: its staged fragments and what the commit needs."""
+
+    name: str
+    tmp: Path
+    meta: dict[str, Any]
+    fragments: list[Any]
+    rng: dict[str, Any]
+    adam_step: int
+    loss_scaler: dict[str, Any] | None
+    aliases: dict[str, str]
+    started: float
+    error: str | None = None
+    path: Path | None = None
+
+
+class Checkpointer:
+    """The run's checkpoints: when to save, saving, loading, pruning, `latest`. Collective methods (every
+    rank calls them at the same point) are `save`, `wait`, `load` and `close`."""
+
+    def __init__(self, run_dir: str | Path, dist_ctx: Any, train: TrainConfig) -> None:
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINTS
+        self.dist = dist_ctx
+        self.interval = train.save_interval
+        self.keep_last = train.keep_last
+        self.async_save = train.async_save
+        self.seed = train.seed
+        self._lock = RunLock(self.run_dir) if dist_ctx.is_main else None
+        if self._lock is not None:  # before anything of the run directory is read: no race with its owner
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+            atexit.register(self._lock.release)  # however this process ends (short of a kill)
+        # the background writer's collectives run on their own group, beside the training's
+        self._group = dist.new_group(backend="gloo") if dist_ctx.world_size > 1 else None
+        self._inflight: _Save | None = None
+        self._thread: threading.Thread | None = None
+        self._staging: dict[int, Tensor] = {}
+        self._last_saved = -1
+        self.last: dict[str, float] = {}  # the last save's figures: stall_s, save_s, bytes
+
+    # ------------------------------------------------------------------------------------ finding
+
+    @property
+    def latest(self) -> Path | None:
+        return latest_in(self.root)
+
+    def durable_latest(self) -> Path | None:
+        """Collective: the latest checkpoint once the save in flight (if any) is complete."""
+        self.wait()
+        return self.latest
+
+    def find_resume(self, resume: str) -> Path | None:
+        return find_resume(resume, self.run_dir)
+
+    def open(self) -> None:
+        """Before training (rank 0): clear leftovers of interrupted saves."""
+        if self._lock is not None:
+            remove_incomplete(self.root)
+
+    # ------------------------------------------------------------------------------------ loading
+
+    def load(
+        self,
+        engine: Any,
+        step_dir: Path,
+        meta: dict[str, Any],
+        model_cfg: ModelConfig,
+        topology: Any,
+        layout: dict[str, Any],
+    ) -> TrainState:
+        """Collective: this rank's part of the checkpoint into the engine (any layout: each rank reads only
+        the byte ranges of its part); the ranks' RNG states in the same layout, else seeded afresh from
+        (train.seed, step)."""
+        from gptforge.train.fragments import load_into, state_bytes
+
+        changes = layout_changes(meta["layout"], layout)
+        same = not changes and meta["layout"]["world_size"] == layout["world_size"]
+        state = TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+        with Checkpoint(step_dir) as ckpt:
+            load_into(engine, ckpt, model_cfg, topology)
+            self._restore_loss_scaler(engine, ckpt.loss_scaler)
+            rng = ckpt.rng_path(self.dist.rank)
+            if same and rng is not None and rng.is_file():
+                set_rng_state(_load_rng(rng))
+            else:
+                _reseed(self.seed + state.step, topology)
+            read = ckpt.bytes_read
+        engine.global_steps, engine.global_samples = state.step, state.consumed_samples
+        self._last_saved = state.step
+        reads = self.dist.gather((read, state_bytes(engine, model_cfg, topology)))
+        worst = max(range(len(reads)), key=lambda r: reads[r][0] / max(reads[r][1], 1))
+        log.info(
+            "checkpoint: %d bytes of fragments read by %d rank(s); the most for its state: rank %d, %d of %d bytes",
+            sum(r for r, _ in reads),
+            len(reads),
+            worst,
+            *reads[worst],
         )
-        seed = meta["config"]["train"]["seed"] + meta["step"] * 1000 + dist_ctx.rank
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-    return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+        if same:
+            log.info(
+                "resumed from %s (step %d, %d samples consumed)", step_dir, state.step, state.consumed_samples
+            )
+        else:
+            log.info(
+                "resumed from %s (step %d, %d samples consumed) under another layout (%s): weights and AdamW "
+                "state re-sharded from its fragments; dropout RNG reseeded",
+                step_dir,
+                state.step,
+                state.consumed_samples,
+                "; ".join(changes) or f"{meta['layout']['world_size']} -> {layout['world_size']} ranks",
+            )
+        return state
 
+    @staticmethod
+    def _restore_loss_scaler(engine: Any, saved: dict[str, Any] | None) -> None:
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        if saved and scaler is not None:
+            for key, value in saved.items():
+                if hasattr(scaler, key):
+                    setattr(scaler, key, value)
 
-def load_converted(
-    engine: Any, step_dir: Path, meta: dict[str, Any], model_cfg: ModelConfig, topology: Any
-) -> TrainState:
-    """Collective: resume a checkpoint of another layout from its `universal/` (weights, Adam moments and
-    step count, re-sharded for this layout). RNG streams are not carried over: they belong to the old
-    ranks; the caller reseeds."""
-    from gptforge.parallel.universal import load_universal
+    # ------------------------------------------------------------------------------------ saving
 
-    load_universal(engine, step_dir, model_cfg, topology)
-    return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+    def due(self, step: int, max_steps: int, stop: bool = False) -> bool:
+        """Whether to save after `step`: every `train.save_interval` steps, at the end, at a preemption
+        (once per step: not again right after a resume from it)."""
+        return (stop or step % self.interval == 0 or step == max_steps) and step != self._last_saved
 
+    def save(
+        self, engine: Any, state: TrainState, meta: dict[str, Any], model_cfg: ModelConfig, topology: Any
+    ) -> Path:
+        """Collective: stage this rank's state and write it (in the background with `train.async_save`).
+        Returns the directory the checkpoint will have once complete."""
+        from gptforge.train.fragments import adam_step, owned_fragments
 
-def load_checkpoint_weights(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any]]:
-    """(model config, fp32 state dict, tokenizer info) of a run directory (its latest checkpoint), a
-    `checkpoints/` directory or one step directory: what generation and export need, no optimizer."""
-    step_dir = resolve(path)
-    meta = read_meta(step_dir)
-    cfg = config_from_dict({"model": meta["model"]}, source=str(step_dir / META_FILE)).model
-    from gptforge.parallel import universal
-
-    if universal.has_universal(step_dir):  # any layout: the serial fp32 weights, tp/pp merged
-        return cfg, universal.read_weights(step_dir, cfg), meta["tokenizer"]
-    layout = meta.get("layout", {})
-    if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1 or layout.get("zero_stage", 0) == 3:
-        raise CheckpointError(
-            f"{step_dir}: {universal.UNIVERSAL}/ missing, and DeepSpeed's files of this layout (tp "
-            f"{layout.get('tp')}, pp {layout.get('pp')}, ZeRO-{layout.get('zero_stage')}) hold no whole model; "
-            "resume the run in its layout and let it save again"
+        self.wait()
+        t0 = time.perf_counter()
+        name = f"step_{state.step}"
+        tmp = self.root / f"{name}.tmp"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()  # the directory exists before any rank writes into it
+        adam = adam_step(engine.optimizer)
+        owned = owned_fragments(engine, model_cfg, topology, with_moments=adam > 0)
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        job = _Save(
+            name=name,
+            tmp=tmp,
+            meta={
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "step": state.step,
+                "consumed_samples": state.consumed_samples,
+                **meta,
+            },
+            fragments=self._stage(owned),
+            rng=rng_state(),
+            adam_step=adam,
+            loss_scaler={k: getattr(scaler, k) for k in _SCALER_KEYS if hasattr(scaler, k)}
+            if scaler is not None and getattr(engine, "fp16_enabled", lambda: False)()
+            else None,
+            aliases=_aliases(engine, model_cfg, topology),
+            started=t0,
         )
-    states = step_dir / MODEL_STATES
-    if not states.is_file():
-        raise CheckpointError(
-            f"{step_dir}: {MODEL_STATES} missing (incomplete or another layout's checkpoint)"
-        )
-    try:
-        saved = torch.load(states, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or truncated file: torch raises several types
-        raise CheckpointError(f"cannot load {states}: {str(exc).splitlines()[0]}") from None
-    module = saved.get("module") if isinstance(saved, dict) else None
-    if not isinstance(module, dict):
-        raise CheckpointError(f"{states}: no 'module' weights in this DeepSpeed checkpoint")
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    return cfg, state_dict, meta["tokenizer"]
+        self._last_saved = state.step
+        self._inflight = job
+        self.last = {"stall_s": 0.0, "bytes": float(sum(f.values.numel() * 4 for f in job.fragments))}
+        if self.async_save:
+            self._thread = threading.Thread(
+                target=self._write, args=(job,), name="checkpoint-writer", daemon=True
+            )
+            self._thread.start()
+            self.last["stall_s"] = time.perf_counter() - t0
+        else:
+            self._write(job)
+            self.wait()
+        return self.root / name
+
+    def _stage(self, owned: list[Any]) -> list[Any]:
+        """The fragments as CPU tensors the training cannot change under the writer: copies into reused
+        staging buffers (pinned on GPU) when saving in the background, else the live CPU tensors."""
+        out = []
+        for i, f in enumerate(owned):
+            values = f.values
+            if self.async_save or values.device.type != "cpu" or values.dtype != torch.float32:
+                buf = self._staging.get(i)
+                if buf is None or buf.numel() != values.numel():
+                    pin = values.device.type == "cuda"
+                    buf = torch.empty(values.numel(), dtype=torch.float32, pin_memory=pin)
+                    self._staging[i] = buf
+                buf.copy_(values, non_blocking=buf.is_pinned())
+                values = buf
+            out.append(dataclasses.replace(f, values=values))
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        for i in [i for i in self._staging if i >= len(owned)]:
+            del self._staging[i]
+        return out
+
+    def _write(self, job: _Save) -> None:
+        """This rank's files (fsynced), then every rank's report; rank 0 commits if all succeeded."""
+        from gptforge.checkpoint_format import write_fragments
+
+        report: dict[str, Any] = {"rank": self.dist.rank, "error": None, "entries": []}
+        try:
+            tensors = {f"{f.name}@{f.tp_rank}.{f.start}": f.values for f in job.fragments}
+            offsets = write_fragments(job.tmp / rank_file(self.dist.rank), tensors)
+            report["entries"] = [
+                (f.name, list(f.shape), f.tp_rank, f.tp, f.start, f.stop, offsets[k])
+                for f, k in zip(job.fragments, tensors, strict=True)
+            ]
+            with open(job.tmp / rng_file(self.dist.rank), "wb") as fh:
+                torch.save(job.rng, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except Exception as exc:  # disk full, permissions, ...: reported to every rank, nothing committed
+            report["error"] = f"{type(exc).__name__}: {exc}"
+        job.fragments = []  # the staging buffers stay for the next save; the job lets go of them
+        try:
+            reports = [report]
+            if self._group is not None:
+                reports = [None] * self.dist.world_size
+                dist.all_gather_object(reports, report, group=self._group)
+            failed = [r for r in reports if r["error"]]
+            if failed:
+                job.error = f"rank {failed[0]['rank']} could not write its part: {failed[0]['error']}"
+                return
+            if self.dist.is_main:
+                try:
+                    self._write_index(job, reports)
+                    job.path = _commit(self.root, job.tmp, job.name, self.keep_last)
+                except Exception as exc:  # reported; the other ranks still meet at the barrier below
+                    job.error = f"rank 0 could not complete it: {type(exc).__name__}: {exc}"
+            if self._group is not None:
+                dist.barrier(group=self._group)  # `latest` moved before any rank counts the save as done
+        except Exception as exc:  # a rank died: the collectives fail
+            job.error = job.error or f"the ranks could not agree on it: {type(exc).__name__}: {exc}"
+
+    def _write_index(self, job: _Save, reports: list[dict[str, Any]]) -> None:
+        tensors: dict[str, Any] = {}
+        for report in reports:
+            file = rank_file(report["rank"])
+            for name, shape, tp_rank, tp, start, stop, offset in report["entries"]:
+                entry = tensors.setdefault(name, {"shape": shape, "dtype": "float32", "fragments": []})
+                entry["fragments"].append(
+                    {"file": file, "offset": offset, "shard": [tp_rank, tp], "flat": [start, stop]}
+                )
+        index = {
+            "format": INDEX_FORMAT,
+            "version": 1,
+            "step": job.meta["step"],
+            "adam_step": job.adam_step,
+            "loss_scaler": job.loss_scaler,
+            "aliases": job.aliases,
+            "rng": {str(r["rank"]): rng_file(r["rank"]) for r in reports},
+            "tensors": dict(sorted(tensors.items())),
+        }
+        _write_atomic(job.tmp / INDEX_FILE, json.dumps(index) + "\n")
+        _write_atomic(job.tmp / META_FILE, json.dumps(job.meta, indent=2) + "\n")
+
+    def wait(self) -> Path | None:
+        """Collective: wait for the save in flight, if any; raise if it failed on any rank."""
+        job, self._inflight = self._inflight, None
+        if job is None:
+            return None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if job.error:
+            raise CheckpointError(f"checkpoint {job.tmp} not saved: {job.error}")
+        self.last["save_s"] = time.perf_counter() - job.started
+        if self.dist.is_main:
+            log.info("saved %s", job.path)
+        return self.root / job.name
+
+    def close(self) -> None:
+        """The end of the run (however it ends): the save in flight completes, the lock is released."""
+        try:
+            self.wait()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
 
-def checkpoint_meta(
-    model_cfg: ModelConfig,
-    tokenizer: dict[str, Any],
-    data_path: str,
-    manifest_sha256: str,
-    layout: dict[str, Any],
-    config: dict[str, Any],
-) -> dict[str, Any]:
-    """What a checkpoint records besides the step: enough to rebuild the model and to refuse a mismatch."""
-    return {
-        "model": dataclasses.asdict(model_cfg),
-        "tokenizer": tokenizer,
-        "data": {"path": data_path, "manifest_sha256": manifest_sha256},
-        "layout": layout,
-        "config": config,
-    }
+def _aliases(engine: Any, model_cfg: ModelConfig, topology: Any) -> dict[str, str]:
+    """Names in the model's state dict that are another tensor (the tied LM head): the consolidated
+    weights repeat them as the model expects."""
+    if model_cfg.tie_embeddings and (topology.pp > 1 or hasattr(engine.module, "lm_head")):
+        return {"lm_head.weight": "transformer.wte.weight"}
+    return {}

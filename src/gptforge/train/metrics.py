@@ -119,11 +119,10 @@ class MetricsWriter:
         the same scalars in TensorBoard under `prefix/`."""
         if not self.enabled:
             return
-        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(finite) + "\n")
+            f.write(json.dumps(_finite(record)) + "\n")
         if self.tb is not None:
-            for key, value in record.items():
+            for key, value in _scalars(record):
                 if key != "step" and value is not None:
                     self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
             self.tb.flush()
@@ -138,6 +137,24 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (also inside per-source objects) as None."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A record's scalars for TensorBoard; per-source objects become `tokens_by_source/web` etc."""
+    out = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out += _scalars(value, f"{prefix}{key}/")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def _step(line: str) -> int:
     try:
         return int(json.loads(line)["step"])
@@ -148,7 +165,7 @@ def _step(line: str) -> int:
 def train_record(
     step: int, loss: float, lr: float, grad_norm: float, tokens: int, tokens_per_s: float, mfu: float
 ) -> dict[str, Any]:
-    """A metrics.jsonl training line: exactly CONTRACTS §3's keys."""
+    """A metrics.jsonl training line: exactly the keys the README's run directory promises (TRAIN_KEYS)."""
     return dict(zip(TRAIN_KEYS, (step, loss, lr, grad_norm, tokens, tokens_per_s, mfu), strict=True))
 
 

@@ -1,0 +1,160 @@
+"""The decisions, per rank: which documents are kept, why the others were removed, and the val split.
+
+`removed.jsonl` is written in parallel: each rank writes its lines (its documents, in input order) to a part
+file, an exclusive prefix sum of the parts' sizes gives each rank its byte offset, and every rank copies its part
+into the one file there; rank 0 renames it into place once all have written. The id a `duplicate_of` names
+may be another rank's: it is read from that rank's id file (on the shared output filesystem).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.context import BuildContext, Stage, rank_file
+from data_pipeline.distributed import fetch, owners
+from data_pipeline.output import REMOVED
+from data_pipeline.spill import read_array, read_rows
+from data_pipeline.writer import in_val
+from gptforge.errors import DataError
+
+BLOCK_DOCS = 1 << 15  # documents per pass over the rank's files
+COPY_BYTES = 1 << 22
+
+
+def read_ids(tmp: Path, rank: int, docs: np.ndarray) -> list[str]:
+    """Ids of a rank's documents (local indices), read from its id file."""
+    if not len(docs):
+        return []
+    ends = read_rows(rank_file(tmp, "idend", rank), docs, 1, "<i8")[:, 0]
+    starts = read_rows(rank_file(tmp, "idend", rank), np.maximum(docs - 1, 0), 1, "<i8")[:, 0]
+    starts[docs == 0] = 0
+    out = []
+    fd = os.open(rank_file(tmp, "ids", rank), os.O_RDONLY)
+    try:
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            out.append(os.pread(fd, b - a, a).decode("utf-8"))
+    finally:
+        os.close(fd)
+    return out
+
+
+def block_ids(tmp: Path, rank: int, lo: int, hi: int) -> list[str]:
+    """Ids of the rank's documents lo..hi-1 (one read)."""
+    ends = read_array(rank_file(tmp, "idend", rank), "<i8", max(lo - 1, 0), hi)
+    start = 0 if lo == 0 else int(ends[0])
+    ends = ends[1:] if lo else ends
+    with open(rank_file(tmp, "ids", rank), "rb") as f:
+        f.seek(start)
+        blob = f.read(int(ends[-1]) - start if len(ends) else 0)
+    cuts = np.concatenate(([0], ends - start)).tolist()
+    return [blob[a:b].decode("utf-8") for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+class Decide(Stage):
+    """Reasons and `duplicate_of` for every document of this rank, `removed.jsonl`, kept flags, the val split."""
+
+    name = "decide"
+    arrays = ("keep", "val")
+    values = ("kept", "removed", "tail")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = None
+
+    def run(self, ctx: BuildContext) -> None:
+        comm, rank, tmp = ctx.comm, ctx.rank, ctx.tmp
+        sb = ctx.bounds("survivor_bounds")
+        base = int(sb[rank])
+        scan = ctx.values["scan"]
+        n_surv = scan["survivors"]
+        exact_of = ctx.arrays.get("exact_of", np.full(n_surv, -1, dtype=np.int64))
+        near_of = ctx.arrays.get("near_of", np.full(n_surv, -1, dtype=np.int64))
+        # an exact copy of a near duplicate points at the near group's kept document
+        ex = np.flatnonzero(exact_of >= 0)
+        of_near = fetch(comm, sb, exact_of[ex], lambda keys: near_of[keys - base])
+        target = np.where(near_of >= 0, near_of, exact_of)
+        target[ex] = np.where(of_near >= 0, of_near, exact_of[ex])
+        # the ids the duplicates point at, from their ranks' files
+        wanted = np.unique(target[target >= 0])
+        where = owners(sb, wanted)
+        target_ids: dict[int, str] = {}
+        for r in np.unique(where).tolist():
+            sel = wanted[where == r]
+            docs = read_rows(rank_file(tmp, "surv", r), sel - sb[r], 1, "<i8")[:, 0]
+            target_ids.update(zip(sel.tolist(), read_ids(tmp, r, docs), strict=True))
+
+        reasons = scan["reasons"]
+        surv = read_array(rank_file(tmp, "surv", rank), "<i8")
+        keep = (exact_of < 0) & (near_of < 0)
+        counts: Counter = Counter()
+        val: list[bool] = []
+        part = tmp / f"removed-{rank:05d}.part"
+        with open(part, "w", encoding="utf-8") as f:
+            for lo in range(0, scan["docs"], BLOCK_DOCS):
+                hi = min(scan["docs"], lo + BLOCK_DOCS)
+                codes = read_array(rank_file(tmp, "reason", rank), "<i2", lo, hi)
+                ids = block_ids(tmp, rank, lo, hi)
+                s_lo, s_hi = np.searchsorted(surv, [lo, hi])
+                s_of = {int(d): s for s, d in zip(range(s_lo, s_hi), surv[s_lo:s_hi].tolist(), strict=True)}
+                for d, code, doc_id in zip(range(lo, hi), codes.tolist(), ids, strict=True):
+                    dup = None
+                    if code:
+                        reason = reasons[code - 1]
+                    else:
+                        s = s_of[d]
+                        if keep[s]:
+                            val.append(in_val(ctx.opts.seed, doc_id, ctx.opts.val_fraction))
+                            continue
+                        reason = "exact_duplicate" if exact_of[s] >= 0 else "near_duplicate"
+                        dup = target_ids[int(target[s])]
+                    counts[reason] += 1
+                    f.write(
+                        json.dumps({"id": doc_id, "reason": reason, "duplicate_of": dup}, ensure_ascii=False)
+                    )
+                    f.write("\n")
+        self._write_parallel(ctx, part)
+        removed: Counter = Counter()
+        for c in comm.allgather(dict(counts)):
+            removed.update(c)
+        kept = int(comm.allreduce(np.array([int(keep.sum())]), "sum")[0])
+        total = int(ctx.bounds("doc_bounds")[-1])
+        if not kept:
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(removed.items(), key=lambda kv: -kv[1])[:5])
+            raise DataError(
+                f"all {total} documents were removed ({detail}); nothing to write. See {ctx.out / REMOVED}; "
+                "relax the filters (--filters none or a YAML file) or the dedup (--dedup none)"
+            )
+        val_flags = np.array(val, dtype=bool)
+        n_val = int(comm.allreduce(np.array([int(val_flags.sum())]), "sum")[0])
+        ctx.arrays["keep"], ctx.arrays["val"] = keep, val_flags
+        ctx.values["kept"] = kept
+        ctx.values["removed"] = dict(sorted(removed.items()))
+        ctx.values["tail"] = ctx.opts.val_fraction > 0 and n_val in (0, kept)
+
+    @staticmethod
+    def _write_parallel(ctx: BuildContext, part: Path) -> None:
+        comm = ctx.comm
+        size = part.stat().st_size
+        offset = comm.exscan(size)
+        total = int(comm.allreduce(np.array([size]), "sum")[0])
+        final = ctx.out / REMOVED
+        tmp = final.with_suffix(".jsonl.tmp")
+        if comm.rank == 0:
+            with open(tmp, "wb") as f:
+                f.truncate(total)
+        comm.barrier()
+        with open(part, "rb") as src, open(tmp, "r+b") as dst:
+            dst.seek(offset)
+            while chunk := src.read(COPY_BYTES):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        comm.barrier()
+        if comm.rank == 0:
+            os.replace(tmp, final)
+        part.unlink()
