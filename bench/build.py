@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CORPORA = ROOT.parent / "shared" / "corpora"
 
-from data_pipeline import BuildOptions, run_build  # noqa: E402
-from data_pipeline.base import Doc  # noqa: E402
+from data_pipeline import BuildOptions, BuildResult, run_build  # noqa: E402
+from data_pipeline.base import Doc, StepStats  # noqa: E402
 from data_pipeline.dedup_minhash import MinHasher, lsh_params, near_groups  # noqa: E402
 from data_pipeline.filters import build_filters, load_filter_config  # noqa: E402
 from data_pipeline.textfeatures import shingle_hashes  # noqa: E402
@@ -262,29 +262,23 @@ def run_datatrove(
     return times["signature"], times["total"], set(ids) - kept
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line: corpus size, repetitions, workers, and where to keep the corpus."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=50.0)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", help="make the corpus here and keep it (default: a temporary directory)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gptforge-bench-build-"))
-    corpus = tmp / "corpus"
-    corpus.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    planted = make_corpus(corpus, args.mb)
-    ids, texts = load_texts(corpus)
-    mb = sum(len(t.encode()) for t in texts) / 1e6
-    n_exact = sum(kind == "exact" for _, kind in planted.values())
-    print(
-        f"corpus: {len(texts)} documents, {mb:.1f} MB, {n_exact} exact + {len(planted) - n_exact} near "
-        f"copies planted ({time.perf_counter() - t0:.0f} s to make)",
-        flush=True,
-    )
-    bands, rows = lsh_params(0.8, 128)
 
+def run_interleaved(
+    args: argparse.Namespace, corpus: Path, tmp: Path, ids: list[str], texts: list[str], bands: int, rows: int
+) -> tuple[dict[str, list[float]], BuildResult | None, set[str] | None]:
+    """Time every contender once per repetition, in turn, so each repetition shares the load of its moment.
+
+    Returns the times per contender, our last build's result and the ids datatrove removed in its last run.
+    """
     times: dict[str, list[float]] = {
         k: [] for k in ("tiktoken", "ours", "near", "dt_total", "dt_sig", "ds", "vec")
     }
@@ -302,26 +296,26 @@ def main() -> None:
         times["ds"].append(slow)
         times["vec"].append(fast)
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    return times, result, dt_removed
 
-    # Interleaved repetitions share the machine's load of the moment: compare within each repetition and take
-    # the median over repetitions (times are medians too).
-    med = {k: float(np.median(v)) for k, v in times.items()}
 
-    def paired(peer: str, ours: str) -> float:
-        return float(np.median([p / o for p, o in zip(times[peer], times[ours], strict=True)]))
-
+def dedup_precision_recall(out: Path, planted: dict, dt_removed: set[str]) -> dict[str, tuple[float, float]]:
+    """Precision/recall of our build's duplicate removals (from `removed.jsonl`) and datatrove's, all and near."""
     ours_removed = {
         json.loads(line)["id"]
-        for line in (tmp / "out" / "removed.jsonl").read_text().splitlines()
+        for line in (out / "removed.jsonl").read_text().splitlines()
         if json.loads(line)["reason"] in ("exact_duplicate", "near_duplicate")
     }
-    pr = {
+    return {
         "ours": precision_recall(ours_removed, planted, ("exact", "near")),
         "ours_near": precision_recall(ours_removed, planted, ("near",)),
         "datatrove": precision_recall(dt_removed, planted, ("exact", "near")),
         "datatrove_near": precision_recall(dt_removed, planted, ("near",)),
     }
-    stages = result.stats
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu reports it, for the report's machine line ("unknown" without lscpu)."""
     cpu = "unknown"
     with contextlib.suppress(StopIteration, OSError):
         cpu = next(
@@ -329,14 +323,34 @@ def main() -> None:
             for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
             if line.startswith("Model name")
         )
+    return cpu
+
+
+def comparison_lines(
+    args: argparse.Namespace,
+    cpu: str,
+    mb: float,
+    n_docs: int,
+    n_exact: int,
+    n_near: int,
+    times: dict[str, list[float]],
+    pr: dict[str, tuple[float, float]],
+) -> list[str]:
+    """The report's machine line and the markdown table comparing us with the peers, for bench/RESULTS.md."""
+    # Interleaved repetitions share the machine's load of the moment: compare within each repetition and take
+    # the median over repetitions (times are medians too).
+    med = {k: float(np.median(v)) for k, v in times.items()}
+
+    def paired(peer: str, ours: str) -> float:
+        return float(np.median([p / o for p, o in zip(times[peer], times[ours], strict=True)]))
 
     def rate(seconds: float) -> float:
         return mb / seconds
 
-    lines = [
+    return [
         f"Machine: {cpu}, {args.workers} workers, Python {platform.python_version()}; "
-        f"{datetime.date.today().isoformat()}; corpus {mb:.1f} MB, {len(texts)} documents "
-        f"({n_exact} exact + {len(planted) - n_exact} near copies planted); medians of {args.reps} interleaved "
+        f"{datetime.date.today().isoformat()}; corpus {mb:.1f} MB, {n_docs} documents "
+        f"({n_exact} exact + {n_near} near copies planted); medians of {args.reps} interleaved "
         "repetitions (ratios: median of the per-repetition ratios).",
         "",
         "| measurement | ours | peer | ratio (ours / peer) |",
@@ -360,7 +374,12 @@ def main() -> None:
         + "; near dedup ours / datatrove: "
         + ", ".join(f"{d / n:.1f}" for d, n in zip(times["dt_total"], times["near"], strict=True))
         + ".",
-        "",
+    ]
+
+
+def stage_lines(stages: dict[str, StepStats]) -> list[str]:
+    """The markdown table of our build's per-stage input, seconds and rate, from its counters."""
+    lines = [
         "Our stages in the last end-to-end run (seconds summed over processes, so MB/s is per process):",
         "",
         "| stage | MB in | seconds | MB/s |",
@@ -369,6 +388,31 @@ def main() -> None:
     for name, st in stages.items():
         r = st.bytes_in / 1e6 / st.seconds if st.seconds > 0 else float("inf")
         lines.append(f"| {name} | {st.bytes_in / 1e6:.1f} | {st.seconds:.2f} | {r:.1f} |")
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gptforge-bench-build-"))
+    corpus = tmp / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    planted = make_corpus(corpus, args.mb)
+    ids, texts = load_texts(corpus)
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    n_exact = sum(kind == "exact" for _, kind in planted.values())
+    print(
+        f"corpus: {len(texts)} documents, {mb:.1f} MB, {n_exact} exact + {len(planted) - n_exact} near "
+        f"copies planted ({time.perf_counter() - t0:.0f} s to make)",
+        flush=True,
+    )
+    bands, rows = lsh_params(0.8, 128)
+    times, result, dt_removed = run_interleaved(args, corpus, tmp, ids, texts, bands, rows)
+    pr = dedup_precision_recall(tmp / "out", planted, dt_removed)
+    stages = result.stats
+    cpu = cpu_model()
+    lines = comparison_lines(args, cpu, mb, len(texts), n_exact, len(planted) - n_exact, times, pr)
+    lines += ["", *stage_lines(stages)]
     print("\n".join(lines))
     if not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)

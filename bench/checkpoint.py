@@ -25,8 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gptforge.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50257
@@ -42,20 +46,9 @@ def make_data(root: Path) -> Path:
     return write_build(root / "data", {"train": docs[:-4], "val": docs[-4:]}, tok).root
 
 
-def worker(args: argparse.Namespace) -> None:
-    import torch
-    import torch.distributed as dist
-
-    from gptforge.checkpoint_format import MOMENTS, WEIGHTS, Checkpoint
-    from gptforge.cli import quiet_deepspeed, setup_rank_logging
-    from gptforge.config import config_to_dict, load_config
-    from gptforge.train import checkpoint
-
-    setup_rank_logging(quiet=True)
-    quiet_deepspeed()
-    from gptforge.train.loop import Trainer
-
-    overrides = [
+def trainer_overrides(args: argparse.Namespace) -> list[str]:
+    """Config overrides for configs/tiny.yaml: the benchmark's shape, dp 2 with ZeRO-1 in fp32, no pruning."""
+    return [
         f"model.n_layer={args.n_layer}",
         f"model.d_model={args.d_model}",
         f"model.n_head={args.d_model // 64}",
@@ -70,50 +63,83 @@ def worker(args: argparse.Namespace) -> None:
         f"data.path={args.data}",
         f"run.dir={args.root / 'run'}",
     ]
-    trainer = Trainer(load_config(ROOT / "configs" / "tiny.yaml", overrides), "none")
-    engine, cfg, ckpts = trainer.engine, trainer.cfg, trainer.checkpoints
-    gen = torch.Generator().manual_seed(dist.get_rank())
 
-    def step() -> None:
+
+def take_steps(trainer: Trainer, count: int) -> None:
+    """Take optimizer steps on random tokens (seeded by rank) so the AdamW moments exist before saving."""
+    import torch
+    import torch.distributed as dist
+
+    engine = trainer.engine
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(count):
         x = torch.randint(0, VOCAB, (1, 64), generator=gen)
         _, loss = engine(x, x)
         engine.backward(loss)
         engine.step()
         trainer.state.step += 1
 
-    step()
-    step()
+
+def timed_save(trainer: Trainer, meta: dict[str, Any], background: bool) -> dict[str, float]:
+    """Save once, to a new step directory: the loop's stall, the time until durable, and this rank's bytes."""
+    import torch.distributed as dist
+
+    ckpts = trainer.checkpoints
+    ckpts.async_save = background
+    trainer.state.step += 1  # a new step directory each time
+    dist.barrier()
+    t0 = time.perf_counter()
+    ckpts.save(trainer.engine, trainer.state, meta, trainer.model_cfg, trainer.dist.topology)
+    stall = time.perf_counter() - t0
+    ckpts.wait()
+    full = time.perf_counter() - t0
+    return {"stall_s": stall, "save_s": full, "bytes": ckpts.last["bytes"]}
+
+
+def peer_save(latest: Path, path: Path) -> tuple[int, dict[str, float]]:
+    """The peer: `torch.save` + fsync of the checkpoint's state, consolidated, from one process.
+
+    Returns the parameter count and the peer's save time and bytes.
+    """
+    import torch
+
+    from gptforge.checkpoint_format import MOMENTS, WEIGHTS, Checkpoint
+
+    with Checkpoint(latest) as ckpt:  # the same state, consolidated, in one process
+        state = {n: ckpt.tensor(WEIGHTS + n) for n in ckpt.names(WEIGHTS)}
+        parameters = sum(t.numel() for t in state.values())
+        state.update({f"{k}.{n}": ckpt.tensor(f"{k}/{n}") for k in MOMENTS for n in ckpt.names(f"{k}/")})
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return parameters, {"save_s": time.perf_counter() - t0, "bytes": nbytes}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from gptforge.cli import quiet_deepspeed, setup_rank_logging
+    from gptforge.config import config_to_dict, load_config
+    from gptforge.train import checkpoint
+
+    setup_rank_logging(quiet=True)
+    quiet_deepspeed()
+    from gptforge.train.loop import Trainer
+
+    trainer = Trainer(load_config(ROOT / "configs" / "tiny.yaml", trainer_overrides(args)), "none")
+    cfg, ckpts = trainer.cfg, trainer.checkpoints
+    take_steps(trainer, 2)
     layout = trainer.layout() if callable(trainer.layout) else trainer.layout
     meta = checkpoint.checkpoint_meta(cfg.model, {}, "", "", layout, config_to_dict(cfg))
-
-    def save(background: bool) -> dict[str, float]:
-        ckpts.async_save = background
-        trainer.state.step += 1  # a new step directory each time
-        dist.barrier()
-        t0 = time.perf_counter()
-        ckpts.save(engine, trainer.state, meta, trainer.model_cfg, trainer.dist.topology)
-        stall = time.perf_counter() - t0
-        ckpts.wait()
-        full = time.perf_counter() - t0
-        return {"stall_s": stall, "save_s": full, "bytes": ckpts.last["bytes"]}
-
-    ours = {"async": save(True), "sync": save(False)}
+    ours = {"async": timed_save(trainer, meta, True), "sync": timed_save(trainer, meta, False)}
     reports: list = [None] * dist.get_world_size()
     dist.all_gather_object(reports, ours)
     result = {"ranks": reports}
     if dist.get_rank() == 0:
-        with Checkpoint(ckpts.latest) as ckpt:  # the same state, consolidated, in one process
-            state = {n: ckpt.tensor(WEIGHTS + n) for n in ckpt.names(WEIGHTS)}
-            result["parameters"] = sum(t.numel() for t in state.values())
-            state.update({f"{k}.{n}": ckpt.tensor(f"{k}/{n}") for k in MOMENTS for n in ckpt.names(f"{k}/")})
-        nbytes = sum(t.numel() * t.element_size() for t in state.values())
-        path = args.root / "peer.pt"
-        t0 = time.perf_counter()
-        with open(path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        result["peer"] = {"save_s": time.perf_counter() - t0, "bytes": nbytes}
+        result["parameters"], result["peer"] = peer_save(ckpts.latest, args.root / "peer.pt")
         (args.root / "result.json").write_text(json.dumps(result))
     ckpts.close()
     dist.destroy_process_group()

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -51,10 +52,10 @@ def step(model: GPT, opt: torch.optim.Optimizer, idx: torch.Tensor, targets: tor
     return loss.item()
 
 
-def worker(args: argparse.Namespace) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    topo = Topology(tp=2).init_process_groups()
+def make_models(
+    args: argparse.Namespace, topo: Topology
+) -> tuple[GPT, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The serial GPT and its tp=2 copy, from the same seeded weights, and one random batch for both."""
     cfg = ModelConfig(
         n_layer=args.layers,
         n_head=args.heads,
@@ -67,19 +68,17 @@ def worker(args: argparse.Namespace) -> None:
     par = tpl.parallelize_tensor(copy.deepcopy(serial), topo)
     idx = torch.randint(0, 50257, (args.batch, args.context))
     targets = torch.randint(0, 50257, (args.batch, args.context))
-    with torch.no_grad():
-        check = abs(par(idx, targets)[1].item() - serial(idx, targets)[1].item())
+    return serial, par, idx, targets
+
+
+def make_runner(
+    rank: int, serial: GPT, par: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor
+) -> Callable[[str], float]:
+    """A function timing one step of a variant between barriers: tp2 on both ranks, serial on rank 0 only."""
     opts = {
         "serial": torch.optim.SGD(serial.parameters(), lr=1e-4),
         "tp2": torch.optim.SGD(par.parameters(), lr=1e-4),
     }
-
-    sent = {"bytes": 0}
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *a, **kw):
-        sent["bytes"] += tensor.numel() * tensor.element_size()
-        return real_all_reduce(tensor, *a, **kw)
 
     def run(variant: str) -> float:
         dist.barrier()
@@ -94,19 +93,35 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         return elapsed
 
-    variants = ["serial-1thread", "serial-2threads", "tp2"]
-    for v in variants:  # warm-up
-        run(v)
+    return run
+
+
+def all_reduce_bytes(run: Callable[[str], float]) -> int:
+    """The payload bytes one tp2 step's all-reduces move, counted by wrapping `dist.all_reduce` for the step."""
+    sent = {"bytes": 0}
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *a, **kw):
+        sent["bytes"] += tensor.numel() * tensor.element_size()
+        return real_all_reduce(tensor, *a, **kw)
+
     dist.all_reduce = counting_all_reduce
     run("tp2")
     dist.all_reduce = real_all_reduce
+    return sent["bytes"]
+
+
+def time_variants(run: Callable[[str], float], variants: list[str], reps: int) -> dict[str, list[float]]:
+    """Time every variant once per repetition, in a rotating order so other processes' load hits each alike."""
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(args.reps):
+    for r in range(reps):
         for v in variants[r % 3 :] + variants[: r % 3]:
             times[v].append(run(v))
-    if rank != 0:
-        dist.destroy_process_group()
-        return
+    return times
+
+
+def print_report(args: argparse.Namespace, check: float, times: dict[str, list[float]], sent: int) -> None:
+    """Print the machine and shape header and the markdown table of tokens/s and tp2 speed-ups."""
     tokens = args.batch * args.context
     print(
         f"# {datetime.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -118,10 +133,27 @@ def worker(args: argparse.Namespace) -> None:
     )
     print("| variant | tokens/s (median) | tp2 speed-up vs it (median of per-rep ratios) |")
     print("| --- | ---: | ---: |")
-    for v in variants:
+    for v in times:
         ratio = statistics.median(a / b for a, b in zip(times[v], times["tp2"], strict=True))
         print(f"| {v} | {tokens / statistics.median(times[v]):,.0f} | {ratio:.2f}x |")
-    print(f"tp all-reduce payload per step (rank 0): {sent['bytes'] / 1e6:.2f} MB")
+    print(f"tp all-reduce payload per step (rank 0): {sent / 1e6:.2f} MB")
+
+
+def worker(args: argparse.Namespace) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    topo = Topology(tp=2).init_process_groups()
+    serial, par, idx, targets = make_models(args, topo)
+    with torch.no_grad():
+        check = abs(par(idx, targets)[1].item() - serial(idx, targets)[1].item())
+    run = make_runner(rank, serial, par, idx, targets)
+    variants = ["serial-1thread", "serial-2threads", "tp2"]
+    for v in variants:  # warm-up
+        run(v)
+    sent = all_reduce_bytes(run)
+    times = time_variants(run, variants, args.reps)
+    if rank == 0:
+        print_report(args, check, times, sent)
     dist.destroy_process_group()
 
 

@@ -34,8 +34,13 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from gptforge.config import ModelConfig
+    from gptforge.model import GPT
 
 LLAMA = [
     "model.position_embedding=rope",
@@ -69,6 +74,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def shape_overrides(shape: str, precision: str) -> list[str]:
+    """Config overrides for a benchmark shape at a precision: lr 1e-4, weight decay 0.1, clip 1.0, no dropout."""
+    s = SHAPES[shape]
+    return [
+        f"model.n_layer={s['n_layer']}",
+        f"model.n_head={s['n_head']}",
+        f"model.d_model={s['d_model']}",
+        f"model.context_length={s['context_length']}",
+        f"model.vocab_size={VOCAB}",
+        "model.dropout=0.0",
+        f"train.micro_batch_size={s['batch']}",
+        f"train.precision={precision}",
+        "optim.lr=1e-4",
+        "optim.weight_decay=0.1",
+        "optim.grad_clip=1.0",
+        *s["model"],
+    ]
+
+
+def plain_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    peer: bool,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    precision: str,
+) -> Callable[[], float]:
+    """The plain loop a user would write (autocast for bf16, clipping): one step of it, returning the loss."""
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "fp32"):
+            loss = model(input_ids=x, labels=x).loss if peer else model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def copy_of(reference: GPT, model_cfg: ModelConfig, device: torch.device) -> GPT:
+    """A fresh GPT on `device`, in train mode, holding the reference's weights, so every row starts alike."""
+    from gptforge.model import GPT
+
+    model = GPT(model_cfg).to(device).train()
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
 def build(
     shape: str, precision: str, device: torch.device, compile: bool = False
 ) -> tuple[dict[str, Callable[[], float]], float]:
@@ -83,23 +139,7 @@ def build(
     from gptforge.train.precision import precision_mode
 
     s = SHAPES[shape]
-    cfg = load_config(
-        None,
-        [
-            f"model.n_layer={s['n_layer']}",
-            f"model.n_head={s['n_head']}",
-            f"model.d_model={s['d_model']}",
-            f"model.context_length={s['context_length']}",
-            f"model.vocab_size={VOCAB}",
-            "model.dropout=0.0",
-            f"train.micro_batch_size={s['batch']}",
-            f"train.precision={precision}",
-            "optim.lr=1e-4",
-            "optim.weight_decay=0.1",
-            "optim.grad_clip=1.0",
-            *s["model"],
-        ],
-    )
+    cfg = load_config(None, shape_overrides(shape, precision))
     dist_ctx = init_distributed(cfg)
     mode = precision_mode(precision, device)
     torch.manual_seed(0)
@@ -108,41 +148,22 @@ def build(
     x, y = tokens[:, :-1], tokens[:, 1:].clone()
     y[:, -1] = -100  # the peer has no target for the last position: ignore it in ours too
 
-    def autocast() -> torch.autocast:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "fp32")
-
-    def plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, peer: bool) -> Callable[[], float]:
-        def step() -> float:
-            with autocast():
-                loss = model(input_ids=x, labels=x).loss if peer else model(x, y)[1]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.item()
-
-        return step
-
     peer = to_hf(reference, cfg.model).to(device).train()
-    ours = GPT(cfg.model).to(device).train()
-    ours.load_state_dict(reference.state_dict())
-    trainer_model = GPT(cfg.model).to(device).train()
-    trainer_model.load_state_dict(reference.state_dict())
-    engine = build_engine(cfg, trainer_model, plan_batch(cfg, 1), mode, dist_ctx)
+    ours = copy_of(reference, cfg.model, device)
+    engine = build_engine(cfg, copy_of(reference, cfg.model, device), plan_batch(cfg, 1), mode, dist_ctx)
 
+    peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.1)
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     steps = {
-        f"transformers {type(peer).__name__}, torch AdamW (peer)": plain(
-            peer, torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.1), True
+        f"transformers {type(peer).__name__}, torch AdamW (peer)": plain_step(
+            peer, peer_opt, True, x, y, device, precision
         ),
-        "gptforge GPT, plain loop, fused AdamW": plain(
-            ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.1, fused=True), False
-        ),
+        "gptforge GPT, plain loop, fused AdamW": plain_step(ours, ours_opt, False, x, y, device, precision),
         "gptforge trainer (DeepSpeed engine)": lambda: float(train_step(engine, [(x, y)], device)),
     }
     if compile:
         compiled_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
-        compiled_model = GPT(cfg.model).to(device).train()
-        compiled_model.load_state_dict(reference.state_dict())
+        compiled_model = copy_of(reference, cfg.model, device)
         compiled = build_engine(compiled_cfg, compiled_model, plan_batch(cfg, 1), mode, dist_ctx)
         steps["gptforge trainer, train.compile=true"] = lambda: float(train_step(compiled, [(x, y)], device))
     return steps, flops_per_token(cfg.model) * s["batch"] * s["context_length"]

@@ -95,7 +95,10 @@ def _output_args(p: argparse.ArgumentParser) -> None:
         "share of tokens at the end of the token stream",
     )
     p.add_argument(
-        "--shard-tokens", type=int, default=100_000_000, help="start a new shard after this many tokens"
+        "--shard-tokens",
+        type=int,
+        default=100_000_000,
+        help="about this many tokens per shard (a new one at the first document at or after each multiple)",
     )
     p.add_argument(
         "--workers",

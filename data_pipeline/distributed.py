@@ -67,11 +67,6 @@ class Comm:
         """Every rank's `array`, concatenated in rank order."""
         return np.ascontiguousarray(array)
 
-    def relay(self, fn: Callable[[Any], Any], first: Any) -> Any:
-        """Rank r runs `fn` on what rank r-1's `fn` returned (`first` on rank 0) and passes its result on:
-        for the few O(1)-state decisions that are sequential by nature (shard boundaries)."""
-        return fn(first)
-
 
 class MpiComm(Comm):
     """MPI.COMM_WORLD through mpi4py."""
@@ -169,13 +164,6 @@ class MpiComm(Comm):
             for s in range(self.size):
                 pieces[s].append(recv[bounds[s] : bounds[s + 1]])
         return np.concatenate([p for ps in pieces for p in ps])
-
-    def relay(self, fn: Callable[[Any], Any], first: Any) -> Any:
-        state = first if self.rank == 0 else self._comm.recv(source=self.rank - 1, tag=7)
-        result = fn(state)
-        if self.rank + 1 < self.size:
-            self._comm.send(result, dest=self.rank + 1, tag=7)
-        return result
 
 
 def get_comm() -> Comm:

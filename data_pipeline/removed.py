@@ -67,19 +67,29 @@ class Decide(Stage):
         self.stats = None
 
     def run(self, ctx: BuildContext) -> None:
-        comm, rank, tmp = ctx.comm, ctx.rank, ctx.tmp
-        sb = ctx.bounds("survivor_bounds")
-        base = int(sb[rank])
-        scan = ctx.values["scan"]
-        n_surv = scan["survivors"]
+        n_surv = ctx.values["scan"]["survivors"]
         exact_of = ctx.arrays.get("exact_of", np.full(n_surv, -1, dtype=np.int64))
         near_of = ctx.arrays.get("near_of", np.full(n_surv, -1, dtype=np.int64))
-        # an exact copy of a near duplicate points at the near group's kept document
+        target, target_ids = self._targets(ctx, exact_of, near_of)
+        keep = (exact_of < 0) & (near_of < 0)
+        part = ctx.tmp / f"removed-{ctx.rank:05d}.part"
+        counts, val = self._write_part(ctx, part, keep, exact_of >= 0, target, target_ids)
+        self._write_parallel(ctx, part)
+        self._totals(ctx, counts, keep, val)
+
+    @staticmethod
+    def _targets(
+        ctx: BuildContext, exact_of: np.ndarray, near_of: np.ndarray
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """The survivor each duplicate points at (global index, -1 for none), and the ids of those targets,
+        read from their ranks' files. An exact copy of a near duplicate points at the near group's kept
+        document."""
+        comm, tmp, sb = ctx.comm, ctx.tmp, ctx.bounds("survivor_bounds")
+        base = int(sb[ctx.rank])
         ex = np.flatnonzero(exact_of >= 0)
         of_near = fetch(comm, sb, exact_of[ex], lambda keys: near_of[keys - base])
         target = np.where(near_of >= 0, near_of, exact_of)
         target[ex] = np.where(of_near >= 0, of_near, exact_of[ex])
-        # the ids the duplicates point at, from their ranks' files
         wanted = np.unique(target[target >= 0])
         where = owners(sb, wanted)
         target_ids: dict[int, str] = {}
@@ -87,13 +97,24 @@ class Decide(Stage):
             sel = wanted[where == r]
             docs = read_rows(rank_file(tmp, "surv", r), sel - sb[r], 1, "<i8")[:, 0]
             target_ids.update(zip(sel.tolist(), read_ids(tmp, r, docs), strict=True))
+        return target, target_ids
 
+    @staticmethod
+    def _write_part(
+        ctx: BuildContext,
+        part: Path,
+        keep: np.ndarray,
+        exact: np.ndarray,
+        target: np.ndarray,
+        target_ids: dict[int, str],
+    ) -> tuple[Counter, list[bool]]:
+        """This rank's `removed.jsonl` lines in input order, a block of documents at a time; the count of
+        each reason, and the val flag of every kept document."""
+        tmp, rank, scan = ctx.tmp, ctx.rank, ctx.values["scan"]
         reasons = scan["reasons"]
         surv = read_array(rank_file(tmp, "surv", rank), "<i8")
-        keep = (exact_of < 0) & (near_of < 0)
         counts: Counter = Counter()
         val: list[bool] = []
-        part = tmp / f"removed-{rank:05d}.part"
         with open(part, "w", encoding="utf-8") as f:
             for lo in range(0, scan["docs"], BLOCK_DOCS):
                 hi = min(scan["docs"], lo + BLOCK_DOCS)
@@ -110,14 +131,20 @@ class Decide(Stage):
                         if keep[s]:
                             val.append(in_val(ctx.opts.seed, doc_id, ctx.opts.val_fraction))
                             continue
-                        reason = "exact_duplicate" if exact_of[s] >= 0 else "near_duplicate"
+                        reason = "exact_duplicate" if exact[s] else "near_duplicate"
                         dup = target_ids[int(target[s])]
                     counts[reason] += 1
                     f.write(
                         json.dumps({"id": doc_id, "reason": reason, "duplicate_of": dup}, ensure_ascii=False)
                     )
                     f.write("\n")
-        self._write_parallel(ctx, part)
+        return counts, val
+
+    @staticmethod
+    def _totals(ctx: BuildContext, counts: Counter, keep: np.ndarray, val: list[bool]) -> None:
+        """Global kept and removed counts (an error if nothing is kept), and whether val falls back to the
+        token stream's tail because the hash split left it or train empty."""
+        comm = ctx.comm
         removed: Counter = Counter()
         for c in comm.allgather(dict(counts)):
             removed.update(c)

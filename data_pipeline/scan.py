@@ -203,14 +203,67 @@ def load_scan(tmp: Path, rank: int) -> RankScan | None:
         return None
 
 
-def _commit(tmp: Path, rank: int, state: RankScan, files: dict[str, Appender]) -> None:
-    state.sizes = {k: f.size for k, f in files.items()}
-    for f in files.values():
-        f.sync()
-    path = tmp / f"scan-{rank:05d}.json"
-    part = path.with_suffix(".json.tmp")
-    part.write_text(json.dumps(state.to_json()))
-    os.replace(part, path)
+class ScanFiles:
+    """One rank's scan files, appended to a batch at a time; id and token end offsets run on from a resumed
+    scan's committed sizes."""
+
+    def __init__(self, tmp: Path, rank: int, state: RankScan, worker_opts: dict[str, Any]) -> None:
+        kinds = [
+            k
+            for k in FILES
+            if (k != "hash" or worker_opts["exact"]) and (k != "sig" or worker_opts["minhash"])
+        ]
+        self.files = {k: Appender(rank_file(tmp, k, rank), state.sizes.get(k, 0)) for k in kinds}
+        self.reason_code = {r: i + 1 for i, r in enumerate(state.reasons)}
+        self.id_end = state.sizes.get("ids", 0)
+        self.token_end = state.sizes.get("tokens", 0) // np.dtype(worker_opts["dtype"]).itemsize
+
+    def append(self, res: BatchResult, state: RankScan) -> None:
+        """Write a batch's rows to every file and count it in `state`."""
+        files = self.files
+        enc = [i.encode("utf-8") for i in res.ids]
+        files["ids"].write(b"".join(enc))
+        ends = self.id_end + np.cumsum([len(e) for e in enc], dtype=np.int64)
+        self.id_end = int(ends[-1]) if len(ends) else self.id_end
+        files["idend"].write(ends.astype("<i8"))
+        codes = np.array(
+            [
+                0 if r is None else self.reason_code.setdefault(r, len(self.reason_code) + 1)
+                for r in res.reasons
+            ],
+            dtype="<i2",
+        )
+        state.reasons = list(self.reason_code)
+        files["reason"].write(codes)
+        files["nbytes"].write(np.array(res.nbytes, dtype="<i8"))
+        files["surv"].write((state.docs + np.flatnonzero(codes == 0)).astype("<i8"))
+        if "hash" in files:
+            files["hash"].write(res.hashes)
+        if "sig" in files and res.signatures is not None:
+            files["sig"].write(res.signatures.astype("<u4"))
+        files["textlen"].write(np.array(res.text_lens, dtype="<i8"))
+        files["tokens"].write(res.tokens)
+        tends = self.token_end + np.cumsum(res.token_lens)
+        self.token_end = int(tends[-1]) if len(tends) else self.token_end
+        files["tokend"].write(tends.astype("<i8"))
+        state.tokenize_seconds += res.tokenize_seconds
+        state.docs += len(res.ids)
+        state.survivors += int(np.count_nonzero(codes == 0))
+        state.batches += 1
+
+    def commit(self, tmp: Path, rank: int, state: RankScan) -> None:
+        """Sync the files, then record their sizes with the state: a resumed scan truncates to these."""
+        state.sizes = {k: f.size for k, f in self.files.items()}
+        for f in self.files.values():
+            f.sync()
+        path = tmp / f"scan-{rank:05d}.json"
+        part = path.with_suffix(".json.tmp")
+        part.write_text(json.dumps(state.to_json()))
+        os.replace(part, path)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
 
 
 def scan(
@@ -234,16 +287,9 @@ def scan(
             state.batches,
             state.docs,
         )
-    kinds = [
-        k for k in FILES if (k != "hash" or worker_opts["exact"]) and (k != "sig" or worker_opts["minhash"])
-    ]
-    files = {k: Appender(rank_file(tmp, k, rank), state.sizes.get(k, 0)) for k in kinds}
-    token_bytes = np.dtype(worker_opts["dtype"]).itemsize
-    reason_code = {r: i + 1 for i, r in enumerate(state.reasons)}
+    out = ScanFiles(tmp, rank, state, worker_opts)
     read = state.stats.pop("read", StepStats("read"))
     stats: dict[str, StepStats] = {"read": read, **state.stats}
-    id_end = state.sizes.get("ids", 0)
-    token_end = state.sizes.get("tokens", 0) // token_bytes
     total = (
         None
         if any(s.compressed or s.kind in ("hf", "parquet") for s in sources)
@@ -256,49 +302,20 @@ def scan(
             Progress(show, "scan", total) as bar,
         ):
             for res in pool.imap(process_batch, _records(sources, text_field, read, state.batches)):
-                enc = [i.encode("utf-8") for i in res.ids]
-                files["ids"].write(b"".join(enc))
-                ends = id_end + np.cumsum([len(e) for e in enc], dtype=np.int64)
-                id_end = int(ends[-1]) if len(ends) else id_end
-                files["idend"].write(ends.astype("<i8"))
-                codes = np.array(
-                    [
-                        0 if r is None else reason_code.setdefault(r, len(reason_code) + 1)
-                        for r in res.reasons
-                    ],
-                    dtype="<i2",
-                )
-                state.reasons = list(reason_code)
-                files["reason"].write(codes)
-                files["nbytes"].write(np.array(res.nbytes, dtype="<i8"))
-                files["surv"].write((state.docs + np.flatnonzero(codes == 0)).astype("<i8"))
-                if "hash" in files:
-                    files["hash"].write(res.hashes)
-                if "sig" in files and res.signatures is not None:
-                    files["sig"].write(res.signatures.astype("<u4"))
-                files["textlen"].write(np.array(res.text_lens, dtype="<i8"))
-                files["tokens"].write(res.tokens)
-                tends = token_end + np.cumsum(res.token_lens)
-                token_end = int(tends[-1]) if len(tends) else token_end
-                files["tokend"].write(tends.astype("<i8"))
-                state.tokenize_seconds += res.tokenize_seconds
-                state.docs += len(res.ids)
-                state.survivors += int(np.count_nonzero(codes == 0))
-                state.batches += 1
+                out.append(res, state)
                 merge_stats(stats, res.stats)
                 state.stats = stats
                 batch_bytes = sum(res.nbytes)
                 bar.update(batch_bytes, len(res.ids))
                 since_commit += batch_bytes
                 if since_commit >= COMMIT_BYTES:
-                    _commit(tmp, rank, state, files)
+                    out.commit(tmp, rank, state)
                     since_commit = 0
         state.stats = stats
         state.done = True
-        _commit(tmp, rank, state, files)
+        out.commit(tmp, rank, state)
     finally:
-        for f in files.values():
-            f.close()
+        out.close()
     return state
 
 

@@ -5,18 +5,23 @@ splits. When that leaves a split empty (a corpus of one book, a handful of docum
 `ceil(val_fraction * tokens)` tokens of the token stream: the document that straddles the cut is split in two,
 each piece ending in end-of-text like every document in a shard.
 
-A shard holds whole pieces (documents) and is closed at the first piece that brings it to `--shard-tokens`. The
-exclusive prefix sum of the ranks' token counts places every rank's pieces in the global stream; the one
-sequential fact, how full the shard open at a rank's first piece is, is relayed from rank to rank (two integers
-per split per rank). A shard is written by the rank holding its first piece, which reads the rest of it, when it
-runs on, from the next ranks' token files. Names are `{split}-NNNNN` with as many digits as the shard count
-needs (five at least), so they sort in order for a million shards and more.
+A shard holds whole pieces (documents): a new shard starts at the first piece that starts at or after each
+multiple of `--shard-tokens` in its split's token stream, so shards hold about that many tokens (a piece longer
+than that gets a shard of its own plus what starts after it in the same stretch). Every piece's place follows
+from the exclusive prefix sum of the ranks' token counts: its first token's position, divided by
+`--shard-tokens`, is its grid cell, and the non-empty cells numbered in order are the shards; an all-gather
+of three integers per split per rank (first cell, last cell, distinct cells) numbers them on every rank. A
+shard is written by the rank holding its first piece, which reads the rest of it, when it runs on, from the
+next ranks' token files. Names are `{split}-NNNNN` with as many digits as the shard count needs (five at
+least), so they sort in order for a million shards and more.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,22 +102,36 @@ def pieces(
     return {"train": t, "val": v}
 
 
-def assign_shards(p: np.ndarray, state: tuple[int, int], shard_tokens: int) -> tuple[int, int]:
-    """Fill `p["shard"]` from the shard open at the first piece (`state`: its index, tokens in it); returns the
-    state after the last piece."""
-    shard, filled = state
-    sizes = p["n"] + p["eot"]
-    cum = np.concatenate(([0], np.cumsum(sizes)))
-    i = 0
-    while i < len(p):
-        k = int(np.searchsorted(cum[i + 1 :] - cum[i], shard_tokens - filled, side="left"))
-        k = min(k, len(p) - 1 - i)  # pieces i..i+k: up to the one that reaches the limit
-        p["shard"][i : i + k + 1] = shard
-        filled += int(cum[i + k + 1] - cum[i])
-        if filled >= shard_tokens:
-            shard, filled = shard + 1, 0
-        i += k + 1
-    return shard, filled
+def grid_cells(sizes: np.ndarray, start: int, shard_tokens: int) -> np.ndarray:
+    """Each piece's grid cell: the position of its first token in the split's stream (this rank's pieces
+    start at `start`), divided by `shard_tokens`."""
+    return (start + np.cumsum(sizes) - sizes) // shard_tokens
+
+
+@dataclass(frozen=True)
+class Span:
+    """One rank's shards of one split: the numbers of its first and last pieces' shards (-1 without
+    pieces), and whether its first piece opens that shard (or continues one an earlier rank opened)."""
+
+    first: int
+    last: int
+    opens: bool
+
+
+def number_shards(cells: list[tuple[int, int, int]]) -> tuple[list[Span], int]:
+    """Every rank's span from every rank's (first cell, last cell, distinct cells), in rank order: the
+    non-empty cells numbered in order (a cell shared by consecutive ranks counted once). And the count."""
+    spans, count, prev = [], 0, -1
+    for first, last, distinct in cells:
+        if distinct == 0:
+            spans.append(Span(-1, -1, False))
+            continue
+        continues = first == prev
+        offset = count - continues
+        spans.append(Span(offset, offset + distinct - 1, not continues))
+        count += distinct - continues
+        prev = last
+    return spans, count
 
 
 class ShardFile:
@@ -157,12 +176,23 @@ class WriteShards(Stage):
         return [self.tokenize_stats, self.stats]
 
     def run(self, ctx: BuildContext) -> None:
-        comm, opts, rank = ctx.comm, ctx.opts, ctx.rank
-        dtype = ctx.values["dtype"]
         keep = ctx.arrays["keep"]
-        ends = read_array(rank_file(ctx.tmp, "tokend", rank), "<i8")
-        lengths = np.diff(np.concatenate(([0], ends)))[keep]
-        offsets = (ends - np.diff(np.concatenate(([0], ends))))[keep]
+        ends = read_array(rank_file(ctx.tmp, "tokend", ctx.rank), "<i8")
+        sizes = np.diff(np.concatenate(([0], ends)))
+        lengths, offsets = sizes[keep], (ends - sizes)[keep]
+        split_pieces = self._split(ctx, lengths, offsets)
+        spans, counts = self._place(ctx, split_pieces)
+        written = self._write(ctx, split_pieces, spans, counts)
+        self._count(ctx, lengths)
+        gathered = ctx.comm.gather(written)
+        if ctx.rank == 0:
+            ctx.values["splits"] = self._describe(w for ws in gathered for w in ws)
+
+    @staticmethod
+    def _split(ctx: BuildContext, lengths: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+        """This rank's documents as pieces of each split: by their val flags, or by the global tail cut (a
+        min-reduction of the cut each rank proposes, so a document is split only where it lies)."""
+        comm, opts = ctx.comm, ctx.opts
         local = int(lengths.sum())
         start = comm.exscan(local)
         total = int(comm.allreduce(np.array([local]), "sum")[0])
@@ -179,55 +209,83 @@ class WriteShards(Stage):
                 f"the corpus is too small to split ({total} tokens): val or train would be "
                 "empty; add text or pass --val-fraction 0"
             )
+        return split_pieces
 
-        def place(states: list[tuple[int, int]]) -> list[tuple[int, int]]:
-            return [
-                assign_shards(split_pieces[s], st, opts.shard_tokens)
-                for s, st in zip(SPLITS, states, strict=True)
-            ]
-
-        exits = comm.allgather(comm.relay(place, [(0, 0), (0, 0)]))
-        counts = [exits[-1][i][0] + (exits[-1][i][1] > 0) for i in range(len(SPLITS))]
+    @staticmethod
+    def _place(ctx: BuildContext, split_pieces: dict[str, np.ndarray]) -> tuple[list[list[Span]], list[int]]:
+        """Shard numbers for every piece (`grid_cells`, numbered by `number_shards`); every rank's span
+        and each split's shard count. The piece tables go to disk for the ranks that finish a shard."""
+        mine = []
         for s in SPLITS:
-            f = Appender(rank_file(ctx.tmp, f"pieces-{s}", rank))
+            p = split_pieces[s]
+            sizes = p["n"] + p["eot"]
+            cells = grid_cells(sizes, ctx.comm.exscan(int(sizes.sum())), ctx.opts.shard_tokens)
+            distinct, local = np.unique(cells, return_inverse=True)
+            p["shard"] = local  # the rank's offset is added below
+            mine.append((int(distinct[0]), int(distinct[-1]), len(distinct)) if len(p) else (-1, -1, 0))
+        table = ctx.comm.allgather(mine)
+        spans, counts = [], []
+        for i, s in enumerate(SPLITS):
+            split_spans, count = number_shards([t[i] for t in table])
+            split_pieces[s]["shard"] += max(split_spans[ctx.rank].first, 0)
+            spans.append(split_spans)
+            counts.append(count)
+            f = Appender(rank_file(ctx.tmp, f"pieces-{s}", ctx.rank))
             f.write(split_pieces[s])
             f.close()
-        comm.barrier()  # every rank's piece table is on disk
+        ctx.comm.barrier()  # every rank's piece table is on disk
+        return spans, counts
 
-        tokens_path = rank_file(ctx.tmp, "tokens", rank)
+    def _write(
+        self,
+        ctx: BuildContext,
+        split_pieces: dict[str, np.ndarray],
+        spans: list[list[Span]],
+        counts: list[int],
+    ) -> list[tuple[str, int, ShardInfo]]:
+        """Write every shard whose first piece is on this rank, running on into the next ranks' streams."""
+        rank, dtype, eot = ctx.rank, ctx.values["dtype"], ctx.values["eot"]
         written: list[tuple[str, int, ShardInfo]] = []
         for i, s in enumerate(SPLITS):
             p = split_pieces[s]
-            entry = (0, 0) if rank == 0 else exits[rank - 1][i]
             for k in np.unique(p["shard"]).tolist():
-                if k == entry[0] and entry[1] > 0:
+                if k == spans[i][rank].first and not spans[i][rank].opens:
                     continue  # opened on an earlier rank, which writes it
                 shard = ShardFile(ctx.out, shard_name(s, k, name_width(counts[i])), dtype)
-                self._copy(shard, tokens_path, p[p["shard"] == k], dtype, ctx.values["eot"])
-                for r in range(rank + 1, comm.size):  # the shard runs on into the next ranks' streams
-                    open_shard, filled = exits[r - 1][i]
-                    if open_shard != k or filled == 0:
+                self._copy(shard, rank_file(ctx.tmp, "tokens", rank), p[p["shard"] == k], dtype, eot)
+                for r in range(rank + 1, ctx.comm.size):  # the shard runs on into the next ranks' streams
+                    span = spans[i][r]
+                    if span.first < 0:
+                        continue  # a rank without pieces of this split
+                    if span.opens or span.first != k:
                         break
                     q = read_array(rank_file(ctx.tmp, f"pieces-{s}", r), PIECE)
-                    self._copy(
-                        shard, rank_file(ctx.tmp, "tokens", r), q[q["shard"] == k], dtype, ctx.values["eot"]
-                    )
+                    self._copy(shard, rank_file(ctx.tmp, "tokens", r), q[q["shard"] == k], dtype, eot)
+                    if span.last != k:
+                        break
                 written.append((s, k, shard.close()))
+        return written
+
+    def _count(self, ctx: BuildContext, lengths: np.ndarray) -> None:
+        """This step's stats, and the kept documents' share of the scan's tokenizing."""
         st = self.stats
         st.docs_in = st.docs_out = len(lengths)
-        st.bytes_in = local * np.dtype(dtype).itemsize
+        st.bytes_in = int(lengths.sum()) * np.dtype(ctx.values["dtype"]).itemsize
         tok = self.tokenize_stats
         tok.docs_in = tok.docs_out = len(lengths)
-        tok.bytes_in = tok.bytes_out = int(read_array(rank_file(ctx.tmp, "textlen", rank), "<i8")[keep].sum())
+        textlen = read_array(rank_file(ctx.tmp, "textlen", ctx.rank), "<i8")
+        tok.bytes_in = tok.bytes_out = int(textlen[ctx.arrays["keep"]].sum())
         tok.seconds = ctx.values["scan"]["tokenize_seconds"]
-        gathered = comm.gather(written)
-        if rank == 0:
-            splits = {s: SplitInfo() for s in SPLITS}
-            for s, _, info in sorted((w for ws in gathered for w in ws), key=lambda w: (w[0], w[1])):
-                splits[s].shards.append(info)
-                splits[s].tokens += info.tokens
-                splits[s].documents += info.documents
-            ctx.values["splits"] = splits
+
+    @staticmethod
+    def _describe(written: Iterable[tuple[str, int, ShardInfo]]) -> dict[str, SplitInfo]:
+        """Each split's shards in order, with its token and document counts (rank 0, for the manifest)."""
+        splits = {s: SplitInfo() for s in SPLITS}
+        for s, _, info in sorted(written, key=lambda w: (w[0], w[1])):
+            splits[s].shards.append(info)
+            splits[s].tokens += info.tokens
+            splits[s].documents += info.documents
+        return splits
 
     @staticmethod
     def _copy(shard: ShardFile, tokens_path: Path, p: np.ndarray, dtype: str, eot: int) -> None:

@@ -3,35 +3,41 @@ re-sharded for another layout.
 
     python launch/convert_checkpoint.py --checkpoint runs/gpt2-1.5b --output models/gpt2-1.5b
     python launch/convert_checkpoint.py --checkpoint runs/gpt2-1.5b/checkpoints/step_20000 --to hf --output hf/1.5b
-    python launch/convert_checkpoint.py --checkpoint runs/gpt2-1.5b --to checkpoint --tp 2 --dp 8 \\
-        --output runs/gpt2-1.5b-tp2/checkpoints/step_20000 [--workers 8]
+    python launch/convert_checkpoint.py --checkpoint runs/gpt2-774m --to checkpoint --tp 2 --pp 2 --dp 4 \\
+        --output runs/gpt2-774m-tp2pp2/checkpoints/step_20000 [--pp-partition 0-17,18-35] [--workers 8]
 
 `--checkpoint` takes a run directory (its latest checkpoint), its checkpoints/ directory or one step_<N>
 directory, written under any (dp, tp, pp, ZeRO) layout; no GPU, process group or the original number of
 ranks is needed.
 
 `--to gptforge` (default) writes our consolidated model directory (model.safetensors + gptforge.json),
-which generate, eval, export and `model.init_from` read: tensor by tensor (tp shards merged, vocabulary
-padding dropped) into the output file, so the process holds about one tensor at a time. `--to hf` writes
-a Hugging Face directory (what launch/export.py writes). `--to checkpoint` writes the checkpoint as `--tp`
-x `--dp` ranks of that layout would have written it (each rank file its tp shard's dp-th flat range),
-`--workers` processes writing rank files in parallel; a resume then reads each rank's part directly (the
-RNG streams are seeded afresh, as for any layout change). Checkpoints of the old format (DeepSpeed's files
-+ universal/) convert to models too.
+which generate, eval, export and `model.init_from` read; `--to hf` a Hugging Face directory (what
+launch/export.py writes). Both go tensor by tensor (tp shards merged, vocabulary padding dropped, renamed
+and transposed for HF) into the output file, so the process holds about one tensor at a time.
+
+`--to checkpoint` writes the checkpoint as the `--pp` x `--dp` x `--tp` ranks of that layout would have
+written it (each rank file: the tensors of its stage, of each its tp shard's dp-th flat range), `--workers`
+processes writing rank files in parallel; a resume then reads each rank's part directly (the RNG streams
+are seeded afresh, as for any layout change). Checkpoints of the old format (DeepSpeed's files +
+universal/) convert to models too.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gptforge.cli import output_dir, run_cli, setup_logging
 from gptforge.errors import CheckpointError, GptforgeError
+
+if TYPE_CHECKING:
+    from gptforge.config import ParallelConfig
 
 log = logging.getLogger("convert")
 
@@ -65,10 +71,15 @@ def _streamable(spec: str) -> Path | None:
     return step_dir if meta["version"] == fmt.FORMAT_VERSION and not meta.get("finetune") else None
 
 
-def stream_model_dir(step_dir: Path, out: Path) -> tuple[Any, int]:
-    """model.safetensors + gptforge.json from the fragments, one tensor in memory at a time (a tied LM
-    head stored once, as `save_model_dir` does). Returns (model config, parameters)."""
+def stream_weights(step_dir: Path, out: Path, to: str) -> tuple[Any, int]:
+    """A consolidated model directory (`to` "gptforge": model.safetensors + gptforge.json, a tied LM head
+    stored once, as `save_model_dir` does) or a Hugging Face one (`to` "hf": what `save_hf` writes), from
+    the fragments, one tensor in memory at a time. Returns (model config, parameters)."""
+    import torch
+
     from gptforge import checkpoint_format as fmt
+    from gptforge import hf
+    from gptforge.model import GPT
     from gptforge.weights import MODEL_META_FILE, WEIGHTS_FILE
 
     tmp = out.with_name(out.name + ".tmp")  # nothing half-written under OUT if a fragment is bad
@@ -76,13 +87,27 @@ def stream_model_dir(step_dir: Path, out: Path) -> tuple[Any, int]:
     tmp.mkdir(parents=True)
     try:
         with fmt.Checkpoint(step_dir) as ckpt:
+            cfg = ckpt.model_cfg
             names = [n for n in ckpt.names(fmt.WEIGHTS) if n not in ckpt.index.get("aliases", {})]
             shapes = {n: ckpt.tensors[fmt.WEIGHTS + n].shape for n in names}
-            tensors = ((n, ckpt.tensor(fmt.WEIGHTS + n)) for n in names)
-            fmt.write_safetensors(tmp / WEIGHTS_FILE, shapes, tensors)
-            meta = {"model": ckpt.meta["model"], "tokenizer": ckpt.meta["tokenizer"]}
-            (tmp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            cfg, params = ckpt.model_cfg, sum(ckpt.tensors[fmt.WEIGHTS + n].numel for n in names)
+            params = sum(ckpt.tensors[fmt.WEIGHTS + n].numel for n in names)
+
+            def read(name: str) -> torch.Tensor:
+                return ckpt.tensor(fmt.WEIGHTS + name)
+
+            if to == "hf":
+                hf.write_hf_files(cfg, tmp, ckpt.meta["tokenizer"])  # refuses a shape HF cannot express
+                with torch.device("meta"):  # shapes only: nothing allocated
+                    skeleton = {n: torch.empty(shape) for n, shape in shapes.items()}
+                    biases = hf.hf_zero_biases(GPT(cfg), cfg)
+                hf_shapes = {k: tuple(t.shape) for k, t in hf.hf_tensors(names, skeleton.__getitem__, cfg)}
+                hf_shapes.update({k: tuple(t.shape) for k, t in biases.items()})
+                tensors = itertools.chain(hf.hf_tensors(names, read, cfg), biases.items())
+                fmt.write_safetensors(tmp / hf.WEIGHTS_FILE, hf_shapes, tensors)
+            else:
+                fmt.write_safetensors(tmp / WEIGHTS_FILE, shapes, ((n, read(n)) for n in names))
+                meta = {"model": ckpt.meta["model"], "tokenizer": ckpt.meta["tokenizer"]}
+                (tmp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -95,15 +120,43 @@ def stream_model_dir(step_dir: Path, out: Path) -> tuple[Any, int]:
 # ---------------------------------------------------------------------------------------------- re-shard
 
 
-def _rank_part(step_dir: str, rank: int, tp: int, dp: int, out: str) -> list[tuple[Any, ...]]:
-    """Rank `rank` of tp x dp: its fragments of every tensor, read from the source and written to its
-    file. Index entries (name, shape, tp_rank, tp, start, stop, offset) back."""
+def stage_of(name: str, n_layer: int, parts: list[int] | None) -> int:
+    """The pipeline stage holding tensor `name` (a weight or `<moment>/<weight>`): the stage whose spec
+    range has its layer (embedding 0, positions 1, block i FIRST_BLOCK + i, then ln_f and the head), as the
+    trainer assigns them; a tied head is stored once, with the embedding."""
+    from gptforge.model.pipeline import FIRST_BLOCK
+
+    if parts is None:
+        return 0
+    weight = name.split("/", 1)[1] if "/" in name else name
+    if weight.startswith("transformer.wte."):
+        spec = 0
+    elif weight.startswith("transformer.wpe."):
+        spec = 1
+    elif weight.startswith("transformer.h."):
+        spec = FIRST_BLOCK + int(weight.split(".")[2])
+    elif weight.startswith("transformer.ln_f."):
+        spec = FIRST_BLOCK + n_layer
+    else:  # the untied head
+        spec = FIRST_BLOCK + n_layer + 1
+    return next(s for s in range(len(parts) - 1) if parts[s] <= spec < parts[s + 1])
+
+
+def _rank_part(
+    step_dir: str, rank: int, layout: tuple[int, int], parts: list[int] | None, out: str
+) -> list[tuple[Any, ...]]:
+    """Rank `rank` of pp x dp x tp (rank order pipe, data, model; `layout` = (dp, tp), `parts` the stage
+    boundaries): its fragments of every tensor of its stage, read from the source and written to its file.
+    Index entries (name, shape, tp_rank, tp, start, stop, offset) back."""
     from gptforge import checkpoint_format as fmt
 
-    tp_rank, dp_rank = rank % tp, rank // tp
+    dp, tp = layout
+    stage, dp_rank, tp_rank = rank // (dp * tp), rank // tp % dp, rank % tp
     todo: dict[str, Any] = {}
     with fmt.Checkpoint(step_dir) as ckpt:
         for i, name in enumerate(sorted(ckpt.tensors)):
+            if stage_of(name, ckpt.model_cfg.n_layer, parts) != stage:
+                continue
             entry = ckpt.tensors[name]
             sharded = tp > 1 and not ckpt._unsharded(name)
             if not sharded and i % tp != tp_rank:  # replicated over tp: one tp rank writes it
@@ -119,10 +172,11 @@ def _rank_part(step_dir: str, rank: int, tp: int, dp: int, out: str) -> list[tup
     return [(*todo[key], offsets[key]) for key in todo]
 
 
-def reshard(step_dir: Path, out: Path, tp: int, dp: int, zero_stage: int | None, workers: int) -> int:
-    """Write `step_dir` as a checkpoint of tp x dp ranks into `out`; returns the ranks written."""
+def reshard(step_dir: Path, out: Path, target: ParallelConfig, dp: int, workers: int) -> int:
+    """Write `step_dir` as a checkpoint of the `target` layout (tp, pp, its partition, the ZeRO stage to
+    record) at `dp` data-parallel ranks into `out`; returns the ranks written."""
     from gptforge import checkpoint_format as fmt
-    from gptforge.config import ParallelConfig
+    from gptforge.parallel.parallelize import pp_parts
     from gptforge.parallel.topology import validate_layout
 
     meta = fmt.read_meta(step_dir)
@@ -130,20 +184,30 @@ def reshard(step_dir: Path, out: Path, tp: int, dp: int, zero_stage: int | None,
         raise CheckpointError(f"{step_dir}: only checkpoints of the fragment format are re-sharded")
     with fmt.Checkpoint(step_dir) as ckpt:
         index = dict(ckpt.index)
-    if tp > 1:  # heads and the MLP must split over tp (one error line if not)
-        validate_layout(tp * dp, ParallelConfig(tp=tp), fmt.model_config(step_dir, meta))
+    cfg = fmt.model_config(step_dir, meta)
+    ranks = target.pp * dp * target.tp
+    validate_layout(ranks, target, cfg)  # heads, the MLP and the stages must split (one error line if not)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ranks = tp * dp
+    saved = meta["layout"]
+    layout = {
+        **saved,
+        "world_size": ranks,
+        "dp": dp,
+        "tp": target.tp,
+        "pp": target.pp,
+        "pp_parts": pp_parts(cfg, target),
+        "zero_stage": target.zero_stage,
+    }
     with ProcessPoolExecutor(max_workers=max(1, min(workers, ranks))) as pool:
         parts = list(
             pool.map(
                 _rank_part,
                 [str(step_dir)] * ranks,
                 range(ranks),
-                [tp] * ranks,
-                [dp] * ranks,
+                [(dp, target.tp)] * ranks,
+                [layout["pp_parts"]] * ranks,
                 [str(tmp)] * ranks,
             )
         )
@@ -155,16 +219,6 @@ def reshard(step_dir: Path, out: Path, tp: int, dp: int, zero_stage: int | None,
             ].append(
                 {"file": fmt.rank_file(rank), "offset": offset, "shard": [tp_rank, t], "flat": [start, stop]}
             )
-    saved = meta["layout"]
-    layout = {
-        **saved,
-        "world_size": ranks,
-        "dp": dp,
-        "tp": tp,
-        "pp": 1,
-        "pp_parts": None,
-        "zero_stage": saved["zero_stage"] if zero_stage is None else zero_stage,
-    }
     index.update({"format": fmt.INDEX_FORMAT, "rng": {}, "tensors": dict(sorted(tensors.items()))})
     (tmp / fmt.INDEX_FILE).write_text(json.dumps(index) + "\n")
     (tmp / fmt.META_FILE).write_text(
@@ -187,6 +241,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="output (default: gptforge)",
     )
     parser.add_argument("--tp", type=int, default=1, help="--to checkpoint: tensor-parallel degree")
+    parser.add_argument("--pp", type=int, default=1, help="--to checkpoint: pipeline stages")
+    parser.add_argument(
+        "--pp-partition",
+        default="uniform",
+        help="--to checkpoint: stage boundaries, as parallel.pp_partition (default: uniform)",
+    )
     parser.add_argument("--dp", type=int, default=1, help="--to checkpoint: data-parallel ranks")
     parser.add_argument("--zero-stage", type=int, default=None, help="--to checkpoint: ZeRO stage to record")
     parser.add_argument(
@@ -199,31 +259,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging()
-    if args.tp < 1 or args.dp < 1 or args.workers < 1:
+    if min(args.tp, args.pp, args.dp, args.workers) < 1:
         raise GptforgeError(
-            f"--tp, --dp and --workers must be >= 1 (got {args.tp}, {args.dp}, {args.workers})"
+            f"--tp, --pp, --dp and --workers must be >= 1 (got {args.tp}, {args.pp}, {args.dp}, {args.workers})"
         )
 
     out = output_dir(args.output, args.overwrite)
     if args.to == "checkpoint":
         from gptforge import checkpoint_format as fmt
+        from gptforge.config import ParallelConfig
 
+        step_dir = fmt.resolve(args.checkpoint)
+        zero = fmt.read_meta(step_dir)["layout"]["zero_stage"] if args.zero_stage is None else args.zero_stage
+        target = ParallelConfig(tp=args.tp, pp=args.pp, zero_stage=zero, pp_partition=args.pp_partition)
         if out.exists():
             shutil.rmtree(out)
-        ranks = reshard(fmt.resolve(args.checkpoint), out, args.tp, args.dp, args.zero_stage, args.workers)
+        ranks = reshard(step_dir, out, target, args.dp, args.workers)
+        stages = f" x pp {args.pp}" if args.pp > 1 else ""
         log.info(
-            "wrote %s (%d ranks: dp %d x tp %d) from %s",
+            "wrote %s (%d ranks: dp %d x tp %d%s) from %s",
             out,
             ranks,
             args.dp,
             args.tp,
+            stages,
             describe_source(args.checkpoint),
         )
         return 0
-    step_dir = _streamable(args.checkpoint) if args.to == "gptforge" else None
+    kind = "Hugging Face" if args.to == "hf" else "gptforge consolidated model"
+    step_dir = _streamable(args.checkpoint)
     if step_dir is not None:
-        cfg, params = stream_model_dir(step_dir, out)
-        kind = "gptforge consolidated model"
+        cfg, params = stream_weights(step_dir, out, args.to)
     else:
         from gptforge.hf import save_hf
         from gptforge.weights import load_model, save_model_dir
@@ -234,7 +300,6 @@ def main(argv: list[str]) -> int:
         else:
             save_model_dir(model, cfg, tok.describe(), out)
         params = sum(p.numel() for p in model.parameters())
-        kind = "Hugging Face" if args.to == "hf" else "gptforge consolidated model"
     log.info(
         "wrote %s (%s, %s parameters, vocabulary %d) from %s",
         out,

@@ -22,11 +22,16 @@ STEPS, SAVED = 5, 3
 
 # 3 blocks (so stages can be uneven), 2 heads (1 per tp rank), a 400-token vocabulary (padded to 512 at
 # tp 2: padding on the second rank); dropout 0; clipping at 0.5, below every step's norm, so the global
-# gradient norm must be right for the weights to match.
+# gradient norm must be right for the weights to match. Adam's eps at 1e-5, not 1e-8: Adam divides each
+# gradient element by its own RMS, so an element whose gradient is near 0 moves by up to lr / eps times
+# its rounding error, and tp's split sums round differently from one process's on some CPUs: at 1e-8 one
+# such element put a 4096-weight matrix 3e-5 off (AVX2 kernels), at 1e-5 the worst tensor is 4e-7 off
+# (AVX2) and 1.7e-6 (SSE4.2 kernels). A real layout bug moves whole tensors by far more than 1e-5.
 COMMON = [
     "model.n_layer=3",
     "model.dropout=0.0",
     "optim.grad_clip=0.5",
+    "optim.eps=1e-5",
     f"train.max_steps={STEPS}",
     f"train.save_interval={SAVED}",
     "train.eval_interval=5",

@@ -23,7 +23,15 @@ from build_helpers import (
 from data_pipeline import BuildOptions
 from data_pipeline import run_build as build
 from data_pipeline.output import clean
-from data_pipeline.writer import PIECE, ShardFile, assign_shards, in_val, name_width, shard_name, tail_cut
+from data_pipeline.writer import (
+    ShardFile,
+    grid_cells,
+    in_val,
+    name_width,
+    number_shards,
+    shard_name,
+    tail_cut,
+)
 from gptforge.data.format import file_sha256, open_shard, read_index, read_manifest, verify_shard
 from gptforge.tokenizer import get_tokenizer, tokenizer_from_manifest
 
@@ -173,9 +181,12 @@ def test_shards_roll_at_token_count(tmp_path):
     m = read_manifest(out)
     shards = m.splits["train"].shards
     assert len(shards) > 3 and m.splits["val"].shards == [] and m.splits["val"].tokens == 0
-    for shard in shards[:-1]:  # whole documents; closed at the first document reaching the limit
+    start, previous = 0, -1
+    for shard in shards:  # whole documents; a shard starts at the first one at or after each 2,000 tokens
         lengths = read_index(out / shard.idx).lengths
-        assert shard.tokens >= 2000 and shard.tokens - lengths[-1] < 2000
+        cells = set(((start + np.cumsum(lengths) - lengths) // 2000).tolist())
+        assert len(cells) == 1 and min(cells) > previous  # one stretch each, in order
+        start, previous = start + shard.tokens, min(cells)
     tok = get_tokenizer("gpt2")
     assert [tok.decode(d[:-1].tolist()) for d in split_docs(out, "train")] == docs
 
@@ -223,21 +234,38 @@ def test_sentencepiece_tokenizer(tmp_path, monkeypatch):
     assert again.encode(docs[0]) == tok.encode(docs[0]) and again.model_sha256 == tok.model_sha256
 
 
-def test_shard_placement_relayed_across_ranks_equals_one_pass():
-    """Each rank places its pieces from the state the rank before it passed on: the same shards as one pass."""
+def _numbered(parts: list[np.ndarray], shard_tokens: int) -> list[int]:
+    """Shard numbers of pieces of these sizes cut over ranks as `parts`, as the ranks compute them: the
+    cells from an exclusive prefix sum, numbered from every rank's (first, last, distinct)."""
+    starts = np.concatenate(([0], np.cumsum([int(p.sum()) for p in parts])[:-1]))
+    cells = [grid_cells(p, int(a), shard_tokens) for p, a in zip(parts, starts, strict=True)]
+    table = [(int(c[0]), int(c[-1]), len(np.unique(c))) if len(c) else (-1, -1, 0) for c in cells]
+    spans, count = number_shards(table)
+    out = []
+    for c, span in zip(cells, spans, strict=True):
+        out += (span.first + np.unique(c, return_inverse=True)[1]).tolist() if len(c) else []
+    assert len(set(out)) == count
+    return out
+
+
+def test_shard_placement_is_a_prefix_sum_the_same_over_any_ranks():
+    """A shard starts at the first piece starting at or after each multiple of the shard size (pieces longer
+    than it get one of their own); the shard numbers are consecutive, and the same however the pieces are
+    cut over ranks (empty ranks too)."""
     lengths = np.random.default_rng(0).integers(1, 300, 500)
-    whole = np.zeros(len(lengths), dtype=PIECE)
-    whole["n"] = lengths
-    end = assign_shards(whole, (0, 0), 1000)
-    for shard in range(end[0]):  # whole documents; closed at the first document reaching the limit
-        sizes = lengths[whole["shard"] == shard]
-        assert sizes.sum() >= 1000 and sizes.sum() - sizes[-1] < 1000
-    for cuts in ([100, 101, 400], [0, 250, 250, 499]):
-        parts = [p.copy() for p in np.split(whole, cuts)]
-        state = (0, 0)
-        for p in parts:
-            state = assign_shards(p, state, 1000)
-        assert np.concatenate(parts)["shard"].tolist() == whole["shard"].tolist() and state == end
+    lengths[[40, 41, 300]] = [2500, 1200, 999]  # pieces longer than a shard
+    whole = _numbered([lengths], 1000)
+    assert whole == sorted(whole) and sorted(set(whole)) == list(range(len(set(whole))))
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    for k in range(max(whole) + 1):
+        first = whole.index(k)
+        cell = starts[first] // 1000
+        assert all(starts[i] // 1000 == cell for i, s in enumerate(whole) if s == k)  # one stretch each
+        assert first == 0 or starts[first - 1] // 1000 < cell  # its first piece is the first in the stretch
+    sizes = np.bincount(whole, weights=lengths)
+    assert abs(sizes.mean() - 1000) < 100 and sizes[whole[40]] >= 2500
+    for cuts in ([100, 101, 400], [0, 250, 250, 499], [40, 41, 42], list(range(1, 500, 7))):
+        assert _numbered(np.split(lengths, cuts), 1000) == whole
 
 
 def test_shard_names_sort_past_a_million_and_are_cleaned_up(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -240,26 +241,19 @@ LLAMA_TOP = {
 LLAMA_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 
 
-def _llama_state_dict(model: GPT, cfg: ModelConfig) -> dict[str, Tensor]:
+def _llama_tensors(name: str, tensor: Tensor, cfg: ModelConfig) -> Iterator[tuple[str, Tensor]]:
     from gptforge.model.tensor_parallel import qkv_sizes
 
-    out: dict[str, Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        if name == "lm_head.weight":
-            if not cfg.tie_embeddings:
-                out[name] = tensor.contiguous()
-        elif name in LLAMA_TOP:
-            out[LLAMA_TOP[name]] = tensor.contiguous()
-        else:
-            layer, _, rest = name.removeprefix("transformer.h.").partition(".")
-            prefix = f"model.layers.{layer}."
-            if rest == "attn.c_attn.weight":
-                for part, hf_name in zip(tensor.split(list(qkv_sizes(cfg))), LLAMA_QKV, strict=True):
-                    out[prefix + hf_name] = part.contiguous()
-            else:
-                out[prefix + LLAMA_BLOCK[rest]] = tensor.contiguous()
-    return out
+    if name == "lm_head.weight" or name in LLAMA_TOP:
+        yield LLAMA_TOP.get(name, name), tensor.contiguous()
+        return
+    layer, _, rest = name.removeprefix("transformer.h.").partition(".")
+    prefix = f"model.layers.{layer}."
+    if rest == "attn.c_attn.weight":
+        for part, hf_name in zip(tensor.split(list(qkv_sizes(cfg))), LLAMA_QKV, strict=True):
+            yield prefix + hf_name, part.contiguous()
+    else:
+        yield prefix + LLAMA_BLOCK[rest], tensor.contiguous()
 
 
 def _llama_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -287,24 +281,39 @@ def _llama_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Te
     return out
 
 
-def hf_state_dict(model: GPT, cfg: ModelConfig) -> dict[str, Tensor]:
-    """Our weights under GPT2LMHeadModel's (or LlamaForCausalLM's) names and layouts (contiguous, ready
-    for safetensors).
-
-    A tied LM head is stored once (as the token embedding), as transformers does; a GPT-2 without biases
-    gets zero biases, which computes the same function in HF's always-biased GPT-2.
-    """
-    if architecture(cfg) == "llama":
-        return _llama_state_dict(model, cfg)
-    out: dict[str, Tensor] = {}
-    for name, tensor in model.state_dict().items():
+def hf_tensors(
+    names: Iterable[str], get: Callable[[str], Tensor], cfg: ModelConfig
+) -> Iterator[tuple[str, Tensor]]:
+    """Our tensors, fetched by `get(name)` one at a time, as HF's (name, tensor) pairs (contiguous, ready
+    for safetensors), in order: a caller that reads each from disk holds about one tensor at a time. A tied
+    LM head is stored once (as the token embedding), as transformers does, and not fetched."""
+    llama = architecture(cfg) == "llama"
+    for name in names:
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        out[name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).detach().contiguous()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is None and name != "lm_head":
-            out[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
-    return out
+        tensor = get(name).detach()
+        if llama:
+            yield from _llama_tensors(name, tensor, cfg)
+        else:
+            yield name, (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).contiguous()
+
+
+def hf_zero_biases(model: GPT, cfg: ModelConfig) -> dict[str, Tensor]:
+    """The biases a GPT-2 without biases lacks, as zeros: the same function in HF's always-biased GPT-2
+    (`model` may live on the meta device: only its modules' shapes are read)."""
+    if architecture(cfg) == "llama":
+        return {}
+    return {
+        f"{name}.bias": torch.zeros(module.weight.shape[0], dtype=module.weight.dtype, device="cpu")
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is None and name != "lm_head"
+    }
+
+
+def hf_state_dict(model: GPT, cfg: ModelConfig) -> dict[str, Tensor]:
+    """Our weights under GPT2LMHeadModel's (or LlamaForCausalLM's) names and layouts (`hf_tensors`)."""
+    state = model.state_dict()
+    return {**dict(hf_tensors(state, state.__getitem__, cfg)), **hf_zero_biases(model, cfg)}
 
 
 def state_dict_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -426,13 +435,20 @@ def save_hf(
     from safetensors.torch import save_file
 
     architecture(cfg)
+    out = write_hf_files(cfg, out_dir, tokenizer_info)
+    save_file(hf_state_dict(model, cfg), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out
+
+
+def write_hf_files(cfg: ModelConfig, out_dir: str | Path, tokenizer_info: dict[str, Any] | None) -> Path:
+    """Everything of a Hugging Face directory but the weights: config.json, gptforge.json (our config and
+    tokenizer) and, with the GPT-2 tokenizer, its files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_info = tokenizer_info or dict(GPT2_TOKENIZER)
     (out / CONFIG_FILE).write_text(
         json.dumps(hf_config_dict(cfg, tokenizer_info.get("eot_id")), indent=2) + "\n"
     )
-    save_file(hf_state_dict(model, cfg), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / "gptforge.json").write_text(
         json.dumps({"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_info}, indent=2) + "\n"
     )

@@ -1,12 +1,19 @@
 """Weighted blends of several builds (web, books, code, ...), as Megatron-LM's `BlendedDataset` mixes them.
 
-Which source global sample `i` comes from follows Megatron's rule exactly (`build_blending_indices`): take
-the source whose count lags its share the most, `argmax_s(w_s * max(i, 1) - count_s)`, first on ties. After
-any prefix of n samples no source is 1 or more ahead of w_s * n (it is only taken while it lags); with two
-sources none lags by 1 either, with more a source can lag by a little more than 1 (up to ~1.3 in tests:
-that is Megatron's rule, kept so that a blend samples as Megatron's does). The k-th sample drawn from a source
-is position k of that source's own order (`WindowDataset`): each source runs through its own epochs, and
-reshuffles when it is exhausted, independently of the others.
+Which source global sample `i` comes from keeps every source within 1 of its share: after any prefix of n
+samples, |count_s - w_s * n| <= 1 - 1/(2k - 2) for each of k >= 2 sources (1/2 for two, 3/4 for three).
+Megatron's greedy rule (`build_blending_indices`: take `argmax_s(w_s * max(i, 1) - count_s)`) keeps within
+1 for two sources only; with three or more it lets a source lag by more than 1 (1.25 in
+tests/test_blend_order.py). The rule here is Tijdeman's chairman assignment (1980) as earliest deadline
+first: with slack d = 1/(2k - 2), the j-th sample of source s may be taken at the prefix t = i + 1 once
+w_s * t - (j - 1) >= d (it would not run ahead by more than 1 - d), and is due while it would not lag by
+more; among the sources allowed the one due first, deadline (j - d) / w_s, is taken (the first on ties).
+Tijdeman proved a sequence within these bounds exists, and earliest deadline first meets every deadline
+that any sequence meets. The weights are exact integer ratios (52-bit numerators), so the rule's
+comparisons are exact at any n.
+
+The k-th sample drawn from a source is position k of that source's own order (`WindowDataset`): each
+source runs through its own epochs, and reshuffles when it is exhausted, independently of the others.
 
 The blend's position is `consumed_samples` plus each source's count: both are saved with a checkpoint.
 The schedule is piecewise: a segment starts at a sample position with per-source base counts and
@@ -91,24 +98,30 @@ def data_sha256(sources: list[Source]) -> str:
 
 
 class BlendSchedule:
-    """Megatron's blending rule over one segment: from sample position `start`, with per-source `base`
-    counts and `weights`. Replays forward from a cursor (training only moves forward)."""
+    """The blending rule over one segment: from sample position `start`, with per-source `base` counts and
+    `weights`. Replays forward from a cursor (training only moves forward)."""
 
     def __init__(self, weights: list[float], start: int = 0, base: list[int] | None = None) -> None:
         self.weights = [float(w) for w in weights]
         self.start = start
         self.base = list(base) if base is not None else [0] * len(weights)
+        # share_s = num_s / den exactly: the tests of the rule are integer comparisons
+        self._num = [round(w / sum(self.weights) * 2**52) for w in self.weights]
+        self._den = sum(self._num)
         self._cursor = (0, [0] * len(weights))  # (position in the segment, counts in the segment)
 
     def _advance(self, n: int, counts: list[int], steps: int, out: np.ndarray | None) -> None:
-        w, S = self.weights, len(self.weights)
+        num, den, S = self._num, self._den, len(self.weights)
+        m = max(2 * S - 2, 1)  # the slack is 1/m: every count stays within 1 - 1/m of its share
         for k in range(steps):
-            x = float(n) if n > 1 else 1.0  # Megatron: max(sample_idx, 1)
-            best, err = 0, w[0] * x - counts[0]
-            for s in range(1, S):
-                e = w[s] * x - counts[s]
-                if e > err:
-                    best, err = s, e
+            t = n + 1  # the prefix this sample completes
+            best = -1
+            for s in range(S):
+                # allowed: w_s * t - c_s >= 1/m; the earliest deadline (c_s + 1 - 1/m) / w_s, crosswise
+                if m * (num[s] * t - counts[s] * den) >= den and (
+                    best < 0 or (m * counts[s] + m - 1) * num[best] < (m * counts[best] + m - 1) * num[s]
+                ):
+                    best = s
             if out is not None:
                 out[k, 0], out[k, 1] = best, self.base[best] + counts[best]
             counts[best] += 1
