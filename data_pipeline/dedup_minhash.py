@@ -13,8 +13,9 @@ keys (in parts on disk when over budget) and, in each bucket of equal keys, pair
 of a bucket of up to `ALL_PAIRS`; in a larger one each member with the smallest and with the one before it).
 A candidate pair goes to the rank of its smaller index, which confirms it against both full signatures
 (its own from memory-mapped reads of its file, the partner's from the partner rank's file on the shared
-output filesystem). Groups are the connected components of the confirmed pairs (components.py); each group
-keeps its smallest global index (the first document in input order), the others are `near_duplicate` of it.
+output filesystem). Groups are the connected components of the confirmed pairs (components.py, the pairs
+spooled to disk past a quarter of the budget and read a chunk at a time); each group keeps its smallest global
+index (the first document in input order), the others are `near_duplicate` of it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from data_pipeline.components import components
 from data_pipeline.context import BuildContext, Stage, rank_file, survivor_bytes
 from data_pipeline.distributed import Comm, owners, route
 from data_pipeline.features import word_hashes
-from data_pipeline.spill import Partitions, read_array, read_rows
+from data_pipeline.spill import Partitions, Spool, read_array, read_rows
 from data_pipeline.textfeatures import fmix32, fmix64, ngram_hashes, shingle_hashes
 
 log = logging.getLogger("data_pipeline")
@@ -214,7 +215,7 @@ class NearGrouping:
         block = max(256, budget // (4 * self.num_perm * 2 + self.bands * KEY.itemsize * 6))
         store = Partitions(spill, f"bands-{rank:05d}", parts, KEY)
         cands = Partitions(spill, f"pairs-{rank:05d}", parts, PAIR)  # by u: copies of a pair meet in one part
-        edges: list[np.ndarray] = []
+        links = Spool(spill, f"links-{rank:05d}", PAIR, budget // 4)  # confirmed pairs, read every round
         try:
             for b in range(int(comm.allreduce(np.array([-(-n // block)]), "max")[0])):
                 lo, hi = min(n, b * block), min(n, (b + 1) * block)
@@ -237,14 +238,14 @@ class NearGrouping:
             for p in range(parts):
                 pair = np.unique(cands.take(p))
                 self.candidates += len(pair)
-                edges.append(pair[self._confirmed(rank, bounds, pair, rank_rows, budget)])
-            self.spilled += store.spilled + cands.spilled
+                links.add(pair[self._confirmed(rank, bounds, pair, rank_rows, budget)])
+            self.confirmed += links.count
+            nodes, label, self.rounds = components(comm, bounds, links, max(1024, budget // 128))
+            self.spilled += store.spilled + cands.spilled + links.spilled
         finally:
             store.close()
             cands.close()
-        edges_all = np.concatenate(edges) if edges else np.zeros(0, PAIR)
-        self.confirmed += len(edges_all)
-        nodes, label, self.rounds = components(comm, bounds, edges_all["u"], edges_all["v"])
+            links.close()
         near_of = np.full(n, -1, dtype=np.int64)
         moved = label != nodes
         near_of[nodes[moved] - base] = label[moved]

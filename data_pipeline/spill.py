@@ -1,15 +1,19 @@
-"""Bounded memory: the per-rank budget (`--memory-per-rank`), append-only rank files, and partitioned spill.
+"""Bounded memory: the per-rank budget (`--memory-per-rank`), append-only rank files, partitioned spill, and
+spools of records read back a chunk at a time.
 
 A global stage that must group records by a key (exact hashes, LSH band keys) routes them to the key's owner
 rank; when what an owner will receive exceeds its budget, the records are appended to `parts` files on disk by a
 second hash of the key (a distribution sort), and each part, small enough to sort in memory, is grouped in turn.
 The result does not depend on the number of parts, so the bytes of the output do not depend on the budget.
+Records that are read again and again (near dedup's confirmed links, once per label-propagation round) go to a
+`Spool`: one file once they outgrow their share of the budget, read back a chunk at a time.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +144,44 @@ class Partitions:
         for f in self._files:
             f.close()
             f.path.unlink(missing_ok=True)
+
+
+class Spool:
+    """Records appended once and read back in order, a chunk at a time, as often as needed (the confirmed
+    near-duplicate links, once per label-propagation round): in memory while they fit in `budget` bytes,
+    then all of them in one file under `root`."""
+
+    def __init__(self, root: Path, name: str, dtype: np.dtype, budget: int) -> None:
+        self.root, self.name, self.dtype, self.budget = root, name, np.dtype(dtype), budget
+        self.count = 0
+        self.spilled = 0
+        self._mem: list[np.ndarray] = []
+        self._file: Appender | None = None
+
+    def add(self, records: np.ndarray) -> None:
+        self.count += len(records)
+        if self._file is None and self.count * self.dtype.itemsize <= self.budget:
+            self._mem.append(records)
+            return
+        if self._file is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._file = Appender(self.root / f"{self.name}.spool")
+            records, self._mem = np.concatenate([*self._mem, records]), []
+        self._file.write(records)
+        self.spilled += records.nbytes
+
+    def chunks(self, size: int) -> Iterator[np.ndarray]:
+        """The records in order, `size` at a time."""
+        if self._file is None:
+            self._mem = [np.concatenate(self._mem)] if self._mem else [np.zeros(0, self.dtype)]
+            for lo in range(0, self.count, size):
+                yield self._mem[0][lo : lo + size]
+            return
+        self._file.sync()
+        for lo in range(0, self.count, size):
+            yield read_array(self._file.path, self.dtype, lo, min(self.count, lo + size))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file.path.unlink(missing_ok=True)

@@ -14,7 +14,8 @@ from test_build_output import opts
 
 from data_pipeline import run_build as build
 from data_pipeline import textfeatures
-from data_pipeline.dedup_minhash import MinHasher, bucket_pairs, lsh_params, near_groups
+from data_pipeline.dedup_minhash import PAIR, MinHasher, NearGrouping, bucket_pairs, lsh_params, near_groups
+from data_pipeline.distributed import Comm
 
 M64 = (1 << 64) - 1
 
@@ -85,6 +86,28 @@ def test_lsh_bands_rows_follow_the_threshold():
     assert lsh_params(0.8, 128) == (12, 10)
     b, r = lsh_params(0.5, 128)
     assert b * r <= 128 and r < 10  # a lower threshold: fewer rows per band
+
+
+def test_near_grouping_spills_buckets_pairs_and_links_with_the_same_groups(tmp_path):
+    """300 groups of 10 copies: over a 64 KB budget the band entries, candidate pairs and confirmed links
+    (more than their quarter of the budget) all go to disk, the links read back a chunk per propagation
+    round, and the groups are the unbounded ones: every copy points at its group's first document."""
+    rng = np.random.default_rng(3)
+    groups = rng.permutation(3000) % 300
+    sigs = rng.integers(0, 2**32, (300, 128), dtype=np.uint32)[groups]
+    first: dict[int, int] = {}
+    for i, g in enumerate(groups.tolist()):
+        first.setdefault(g, i)
+    expected = [-1 if first[g] == i else first[g] for i, g in enumerate(groups.tolist())]
+    budget, spill = 64 << 10, tmp_path / "spill"
+    grouping = NearGrouping(0.8, 128)
+    near_of = grouping.run(
+        Comm(), np.array([0, 3000]), np.ones(3000, bool), lambda lo, hi: sigs[lo:hi], lambda r, rows: sigs[rows],
+        budget, spill,
+    )  # fmt: skip
+    assert near_of.tolist() == expected == near_groups(sigs)
+    assert grouping.confirmed * PAIR.itemsize > budget // 4 and grouping.spilled > 0
+    assert list(spill.iterdir()) == []  # every spill file removed
 
 
 def test_union_find_chains_keep_the_first():

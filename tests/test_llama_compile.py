@@ -8,20 +8,14 @@ import logging
 
 import pytest
 import torch
-from train_helpers import losses, run, sentencepiece_data, train_cmd, write_config
+from train_helpers import TINY_LLAMA, losses, run, sentencepiece_data, train_cmd, write_config
 
 from gptforge.config import ModelConfig, ParallelConfig
 from gptforge.model import GPT
 from gptforge.model.compile import compile_blocks, why_not_compile
 
 LLAMA = [
-    "model.n_head=4",
-    "model.n_kv_head=2",
-    "model.position_embedding=rope",
-    "model.norm=rmsnorm",
-    "model.mlp=swiglu",
-    "model.ffn_hidden=96",
-    "model.bias=false",
+    *TINY_LLAMA,
     "train.max_steps=20",
     "train.save_interval=1000",
     "train.eval_interval=1000",

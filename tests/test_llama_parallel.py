@@ -20,21 +20,12 @@ from parallel_helpers import (
     weight_errors,
     weights,
 )
+from train_helpers import TINY_LLAMA
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 TOL = 1e-5
-LLAMA = [
-    *COMMON,
-    "model.n_head=4",
-    "model.n_kv_head=2",
-    "model.position_embedding=rope",
-    "model.norm=rmsnorm",
-    "model.mlp=swiglu",
-    "model.ffn_hidden=96",
-    "model.bias=false",
-    "model.tie_embeddings=false",
-]
+LLAMA = [*COMMON, *TINY_LLAMA, "model.tie_embeddings=false"]
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "dp2": (2, []),
     "zero3": (2, ["parallel.zero_stage=3"]),

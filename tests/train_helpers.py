@@ -36,6 +36,17 @@ TINY = [
     "run.tensorboard=false",
 ]
 
+# A Llama-style tiny model: rope + rmsnorm + swiglu, 4 query heads sharing 2 key/value heads, no biases.
+TINY_LLAMA = [
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.position_embedding=rope",
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.ffn_hidden=96",
+    "model.bias=false",
+]
+
 
 def write_build(
     out: Path,

@@ -3,10 +3,15 @@ checked against one-process references (tests/test_build_mpi.py)."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 from data_pipeline.components import components
+from data_pipeline.dedup_minhash import PAIR
 from data_pipeline.distributed import MpiComm, fetch, owners, route
+from data_pipeline.spill import Spool
 
 
 def main() -> None:
@@ -39,7 +44,8 @@ def main() -> None:
     keep = lo != hi
     lo, hi = lo[keep], hi[keep]
     mine = owners(bounds, lo) == rank
-    nodes, label, rounds = components(comm, bounds, lo[mine], hi[mine])
+    edges = np.empty(int(mine.sum()), dtype=PAIR)
+    edges["u"], edges["v"] = lo[mine], hi[mine]
     parent = list(range(n))
 
     def find(x: int) -> int:
@@ -54,8 +60,19 @@ def main() -> None:
     smallest = {}
     for x in range(n):
         smallest.setdefault(find(x), x)
-    assert all(bounds[rank] <= x < bounds[rank + 1] for x in nodes.tolist())
-    assert [smallest[find(x)] for x in nodes.tolist()] == label.tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        # the links in memory, one chunk; then spooled to a file (a budget of 100 edges) and read 37 at a
+        # time, so the ranks (with different edge counts) take part in different numbers of real chunks
+        for budget, chunk in ((1 << 30, 1 << 20), (100 * PAIR.itemsize, 37)):
+            links = Spool(Path(tmp), f"links-{rank}", PAIR, budget)
+            for part in np.array_split(edges, 5):
+                links.add(part)
+            assert (links.spilled > 0) == (chunk == 37)
+            nodes, label, rounds = components(comm, bounds, links, chunk)
+            links.close()
+            assert all(bounds[rank] <= x < bounds[rank + 1] for x in nodes.tolist())
+            assert [smallest[find(x)] for x in nodes.tolist()] == label.tolist()
+        assert list(Path(tmp).iterdir()) == []
     # fetch: values from the owners, in the order asked
     keys = rng.integers(0, n, 500)
     assert (fetch(comm, bounds, keys, lambda k: k * 3) == keys * 3).all()
