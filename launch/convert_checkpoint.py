@@ -37,7 +37,7 @@ from gptforge.cli import output_dir, run_cli, setup_logging
 from gptforge.errors import CheckpointError, GptforgeError
 
 if TYPE_CHECKING:
-    from gptforge.config import ParallelConfig
+    from gptforge.config import ModelConfig, ParallelConfig
 
 log = logging.getLogger("convert")
 
@@ -120,25 +120,14 @@ def stream_weights(step_dir: Path, out: Path, to: str) -> tuple[Any, int]:
 # ---------------------------------------------------------------------------------------------- re-shard
 
 
-def stage_of(name: str, n_layer: int, parts: list[int] | None) -> int:
-    """The pipeline stage holding tensor `name` (a weight or `<moment>/<weight>`): the stage whose spec
-    range has its layer (embedding 0, positions 1, block i FIRST_BLOCK + i, then ln_f and the head), as the
-    trainer assigns them; a tied head is stored once, with the embedding."""
-    from gptforge.model.pipeline import FIRST_BLOCK
+def stage_of(name: str, cfg: ModelConfig, parts: list[int] | None) -> int:
+    """The pipeline stage holding tensor `name` (a weight or `<moment>/<weight>`): the one whose spec range
+    has the weight's layer, as the trainer assigns them (a tied head is stored once, with the embedding)."""
+    from gptforge.model.pipeline import serial_spec_index
 
     if parts is None:
         return 0
-    weight = name.split("/", 1)[1] if "/" in name else name
-    if weight.startswith("transformer.wte."):
-        spec = 0
-    elif weight.startswith("transformer.wpe."):
-        spec = 1
-    elif weight.startswith("transformer.h."):
-        spec = FIRST_BLOCK + int(weight.split(".")[2])
-    elif weight.startswith("transformer.ln_f."):
-        spec = FIRST_BLOCK + n_layer
-    else:  # the untied head
-        spec = FIRST_BLOCK + n_layer + 1
+    spec = serial_spec_index(name.split("/", 1)[1] if "/" in name else name, cfg)
     return next(s for s in range(len(parts) - 1) if parts[s] <= spec < parts[s + 1])
 
 
@@ -155,7 +144,7 @@ def _rank_part(
     todo: dict[str, Any] = {}
     with fmt.Checkpoint(step_dir) as ckpt:
         for i, name in enumerate(sorted(ckpt.tensors)):
-            if stage_of(name, ckpt.model_cfg.n_layer, parts) != stage:
+            if stage_of(name, ckpt.model_cfg, parts) != stage:
                 continue
             entry = ckpt.tensors[name]
             sharded = tp > 1 and not ckpt._unsharded(name)
@@ -267,7 +256,10 @@ def main(argv: list[str]) -> int:
     out = output_dir(args.output, args.overwrite)
     if args.to == "checkpoint":
         from gptforge import checkpoint_format as fmt
+        from gptforge.cli import quiet_deepspeed
         from gptforge.config import ParallelConfig
+
+        quiet_deepspeed()  # the stage boundaries come from DeepSpeed's partitioner
 
         step_dir = fmt.resolve(args.checkpoint)
         zero = fmt.read_meta(step_dir)["layout"]["zero_stage"] if args.zero_stage is None else args.zero_stage

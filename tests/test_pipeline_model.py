@@ -85,6 +85,16 @@ def test_every_serial_weight_has_a_pipeline_name():
         pl.load_serial_state_dict(stage, partial_sd, cfg)
 
 
+def test_serial_spec_index_inverts_the_pipeline_names():
+    """Every weight's spec index, as offline re-sharding places it on a stage: the index its pipeline name
+    carries (the tied embedding's module is spec 0)."""
+    cfg = tiny(tie_embeddings=False)
+    for name in OneStage(pl.layer_specs(cfg)).state_dict():
+        index = 0 if name.startswith("tied_modules.") else int(name.split(".")[0])
+        assert pl.serial_spec_index(pl.pipeline_to_serial_name(name, cfg), cfg) == index, name
+    assert pl.serial_spec_index("lm_head.weight", tiny()) == 0  # tied: stored with the embedding
+
+
 def test_partition_weights_are_what_deepspeed_balances():
     """uniform = DeepSpeed's `type:BlockPipe` (1 per block); parameters = its per-spec parameter counts."""
     cfg = tiny(n_layer=4)

@@ -305,6 +305,22 @@ def pipeline_to_serial_name(name: str, cfg: ModelConfig) -> str:
     raise KeyError(f"{name} is not a GPT pipeline parameter")
 
 
+def serial_spec_index(name: str, cfg: ModelConfig) -> int:
+    """The spec index of serial weight `name` (`pipeline_to_serial_name` the other way): embedding 0,
+    positions 1, block i FIRST_BLOCK + i, then ln_f and the untied head; a tied head is the embedding's."""
+    if name.startswith("transformer.wte.") or (name == "lm_head.weight" and cfg.tie_embeddings):
+        return 0
+    if name.startswith("transformer.h."):
+        return FIRST_BLOCK + int(name.split(".")[2])
+    if name.startswith("transformer.ln_f."):
+        return FIRST_BLOCK + cfg.n_layer
+    if name == "lm_head.weight":
+        return FIRST_BLOCK + cfg.n_layer + 1
+    if name.startswith("transformer."):
+        return 1
+    raise KeyError(f"{name} is not a GPT parameter")
+
+
 @torch.no_grad()
 def load_serial_state_dict(
     module: nn.Module, serial: dict[str, torch.Tensor], cfg: ModelConfig, topology: Topology | None = None
