@@ -54,6 +54,32 @@ def _logged_steps(run_dir: Path) -> int:
         return 0
 
 
+def _saved_step(run_dir: Path) -> int | None:
+    """The step `checkpoints/latest` names (moved only once a checkpoint is durable), or None."""
+    try:
+        return int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def _freeze_past_a_checkpoint(
+    ranks: dict[int, psutil.Process], run_dir: Path, proc: subprocess.Popen, log: Path
+) -> int:
+    """Stop every rank (SIGSTOP) at a moment when a checkpoint is durable and steps past it are logged;
+    returns its step. While stopped nothing moves, so a kill then leaves exactly that `latest` (a later save
+    cannot complete without the killed rank) and steps to recompute. Polling alone races the async saves:
+    a fast run can log the steps past one save before `latest` names it."""
+    while True:
+        _wait_for(lambda: _saved_step(run_dir) is not None and _logged_steps(run_dir) >= 5, 240, proc, log)
+        for p in ranks.values():
+            p.send_signal(signal.SIGSTOP)
+        saved = _saved_step(run_dir)
+        if saved is not None and _logged_steps(run_dir) > saved:
+            return saved
+        for p in ranks.values():
+            p.send_signal(signal.SIGCONT)
+
+
 def _trainer_ranks(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
     """The `launch/train.py` worker processes under a torchrun, by their RANK."""
     ranks = {}
@@ -86,14 +112,12 @@ def test_kill9_of_one_rank_fails_fast_then_resume_continues(data, tmp_path):
     )
     log = tmp_path / "first.log"
     proc = _start(train_cmd(cfg, resume="none", nproc=2), log)
-    # Find the ranks first, so the kill follows the poll at once: a kill that came only after the next
-    # checkpoint (step 8) would leave no step to recompute.
     _wait_for(lambda: sorted(_trainer_ranks(proc)) == [0, 1], 240, proc, log)
     ranks = _trainer_ranks(proc)
-    victim = ranks[1]
-    _wait_for(lambda: _logged_steps(run_dir) >= 5, 240, proc, log)
+    saved = _freeze_past_a_checkpoint(ranks, run_dir, proc, log)
     killed_at = time.monotonic()
-    victim.send_signal(signal.SIGKILL)
+    ranks[1].send_signal(signal.SIGKILL)
+    ranks[0].send_signal(signal.SIGCONT)
     try:
         code = proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
@@ -108,7 +132,7 @@ def test_kill9_of_one_rank_fails_fast_then_resume_continues(data, tmp_path):
 
     ckpts = run_dir / "checkpoints"
     last_complete = (ckpts / "latest").read_text().strip()
-    assert last_complete in {"step_4", "step_8", "step_12"}
+    assert last_complete == f"step_{saved}" and saved in {4, 8, 12}
     resumed_from = int(last_complete.split("_")[1])
 
     result = run(train_cmd(cfg, resume="auto", nproc=2), timeout=300)
