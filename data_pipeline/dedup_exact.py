@@ -1,9 +1,10 @@
 """Exact deduplication on a 128-bit hash of the normalised text.
 
 Workers hash (`ExactHasher`). The decision is sharded (`ExactDedup`): every survivor's (hash, global index) goes
-to the rank that owns the hash (its first 8 bytes modulo the rank count); the owner sorts what it got (in parts
-on disk when over budget) and, in each run of equal hashes, keeps the smallest global index (the first document
-in input order) and answers the owners of the others with it: `exact_duplicate` of that one.
+to the rank that owns the hash (its first 8 bytes modulo the rank count); the owner sorts what it got (an
+external merge sort past its budget: spill.py) and, in each run of equal hashes, keeps the smallest global
+index (the first document in input order) and answers the owners of the others with it: `exact_duplicate` of
+that one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from data_pipeline.base import Doc, Step
 from data_pipeline.context import BuildContext, Stage, rank_file, survivor_bytes
 from data_pipeline.distributed import owners, route
-from data_pipeline.spill import Partitions, read_array
+from data_pipeline.spill import SortedRuns, read_array
 
 log = logging.getLogger("data_pipeline")
 ENTRY = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("s", "<i8")])
@@ -54,16 +55,26 @@ class ExactHasher(Step):
         return None
 
 
-def first_of_runs(keys: list[np.ndarray], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Records sorted by (keys..., index): for every record that is not the first of its run of equal keys,
-    (its index, the run's first index)."""
-    same = np.ones(len(index), dtype=bool)
-    for k in keys:
-        same[1:] &= k[1:] == k[:-1]
-    new = ~same
-    new[:1] = True
-    first = index[np.maximum.accumulate(np.where(new, np.arange(len(index)), 0))]
-    return index[~new], first[~new]
+class FirstOccurrence:
+    """The first index of each run of equal hashes in a stream of entries sorted by (hash, index), fed a
+    chunk at a time: a run that spans chunks carries its hash and first index into the next."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int, int] | None = None  # (h0, h1, first index) of the last chunk's last run
+
+    def feed(self, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index, first index of its run) of every entry of `rec` that is not the first of its run."""
+        if not len(rec):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        h0, h1, s = rec["h0"], rec["h1"], rec["s"]
+        new = np.ones(len(rec), dtype=bool)
+        new[1:] = (h0[1:] != h0[:-1]) | (h1[1:] != h1[:-1])
+        if self._last is not None:
+            new[0] = (int(h0[0]), int(h1[0])) != self._last[:2]
+        head = np.maximum.accumulate(np.where(new, np.arange(len(rec)), -1))  # -1: the carried run
+        first = np.where(head >= 0, s[np.maximum(head, 0)], -1 if self._last is None else self._last[2])
+        self._last = (int(h0[-1]), int(h1[-1]), int(first[-1]))
+        return s[~new], first[~new]
 
 
 class ExactDedup(Stage):
@@ -79,29 +90,26 @@ class ExactDedup(Stage):
         n = int(bounds[rank + 1] - bounds[rank])
         base = int(bounds[rank])
         exact_of = np.full(n, -1, dtype=np.int64)
-        per_rank = int(bounds[-1]) / comm.size
-        parts = max(1, int(np.ceil(per_rank * ENTRY.itemsize * 4 / ctx.budget)))
-        block = max(1024, ctx.budget // (ENTRY.itemsize * 6))
+        block = max(1024, ctx.budget // (ENTRY.itemsize * 8))
         rounds = int(comm.allreduce(np.array([-(-n // block)]), "max")[0])
-        store = Partitions(ctx.tmp / "spill", f"exact-{rank:05d}", parts, ENTRY)
+        store = SortedRuns(ctx.tmp / "spill", f"exact-{rank:05d}", ENTRY, ctx.budget // 2)
         try:
             for b in range(rounds):
                 lo, hi = min(n, b * block), min(n, (b + 1) * block)
                 h = read_array(rank_file(ctx.tmp, "hash", rank), "<u8", lo, hi, width=2)
                 rec = np.empty(hi - lo, dtype=ENTRY)
                 rec["h0"], rec["h1"], rec["s"] = h[:, 0], h[:, 1], base + np.arange(lo, hi)
-                got = np.concatenate(route(comm, (rec["h0"] % comm.size).astype(np.int64), rec))
-                store.add(got, (got["h1"] % parts).astype(np.int64))
-            for p in range(parts):
-                rec = store.take(p)
-                rec = rec[np.lexsort((rec["s"], rec["h1"], rec["h0"]))]
-                dup, of = first_of_runs([rec["h0"], rec["h1"]], rec["s"])
+                store.add(np.concatenate(route(comm, (rec["h0"] % comm.size).astype(np.int64), rec)))
+            chunks = store.chunks(block)
+            first = FirstOccurrence()
+            for _ in range(int(comm.allreduce(np.array([-(-store.count // block)]), "max")[0])):
+                dup, of = first.feed(next(chunks, np.zeros(0, ENTRY)))
                 ans = np.empty(len(dup), dtype=ANSWER)
                 ans["s"], ans["of"] = dup, of
                 for got in route(comm, owners(bounds, dup), ans):
                     exact_of[got["s"] - base] = got["of"]
             if store.spilled:
-                log.info("rank %d: exact dedup spilled %.1f MB in %d parts", rank, store.spilled / 1e6, parts)
+                log.info("rank %d: exact dedup spilled %.1f MB in sorted runs", rank, store.spilled / 1e6)
         finally:
             store.close()
         ctx.arrays["exact_of"] = exact_of

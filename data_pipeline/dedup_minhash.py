@@ -9,7 +9,7 @@ missed duplicate.
 
 The grouping (`NearDedup`) never gathers the signatures: every rank makes its documents' band keys (a 64-bit
 hash of the band index and its rows) and sends (key, global index) to the key's owner rank; an owner sorts its
-keys (in parts on disk when over budget) and, in each bucket of equal keys, pairs the members (every pair
+keys (an external merge sort past its budget: spill.py) and, in each bucket of equal keys, pairs the members (every pair
 of a bucket of up to `ALL_PAIRS`; in a larger one each member with the smallest and with the one before it).
 A candidate pair goes to the rank of its smaller index, which confirms it against both full signatures
 (its own from memory-mapped reads of its file, the partner's from the partner rank's file on the shared
@@ -32,7 +32,7 @@ from data_pipeline.components import components
 from data_pipeline.context import BuildContext, Stage, rank_file, survivor_bytes
 from data_pipeline.distributed import Comm, owners, route
 from data_pipeline.features import word_hashes
-from data_pipeline.spill import Partitions, Spool, read_array, read_rows
+from data_pipeline.spill import SortedRuns, Spool, read_array, read_rows
 from data_pipeline.textfeatures import fmix32, fmix64, ngram_hashes, shingle_hashes
 
 log = logging.getLogger("data_pipeline")
@@ -181,6 +181,47 @@ def bucket_pairs(keys: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.
     return np.concatenate(us), np.concatenate(vs)
 
 
+class BucketStream:
+    """Candidate pairs of a stream of (key, member) entries sorted by (key, member), fed a chunk at a time.
+    The bucket at a chunk's end may go on in the next chunk: while it is small its entries are held back
+    and joined to the next chunk; once it is large (more than `ALL_PAIRS`, so star and chain) its pairs so
+    far are made and only its head and last member are carried. The pairs are those of `bucket_pairs` over
+    the whole stream, whatever the chunks."""
+
+    def __init__(self) -> None:
+        self._held = np.zeros(0, KEY)
+        self._big: tuple[int, int, int] | None = None  # (key, head, last member) of a large open bucket
+
+    def feed(self, rec: np.ndarray, last: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs (u < v) complete with `rec`; `last`: the stream ends with it."""
+        us, vs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        if self._big is not None:
+            key, head, prev = self._big
+            n = int(np.searchsorted(rec["k"], np.uint64(key), side="right"))
+            if n:
+                members = rec["s"][:n]
+                us += [np.full(n, head, np.int64), np.concatenate(([prev], members[:-1]))]
+                vs += [members, members]
+                rec, self._big = rec[n:], (key, head, int(members[-1]))
+            if not len(rec) and not last:
+                return np.concatenate(us), np.concatenate(vs)
+            self._big = None
+        rec = np.concatenate([self._held, rec])
+        self._held = np.zeros(0, KEY)
+        if not last and len(rec):
+            tail = int(np.searchsorted(rec["k"], rec["k"][-1], side="left"))
+            if len(rec) - tail <= ALL_PAIRS:
+                self._held = rec[tail:]
+            else:
+                self._big = (int(rec["k"][-1]), int(rec["s"][tail]), int(rec["s"][-1]))
+                u, v = bucket_pairs(rec["k"][tail:], rec["s"][tail:])
+                us.append(u)
+                vs.append(v)
+            rec = rec[:tail]
+        u, v = bucket_pairs(rec["k"], rec["s"])
+        return np.concatenate([*us, u]), np.concatenate([*vs, v])
+
+
 class NearGrouping:
     """The sharded near-duplicate grouping over any signature store (a rank's files, or arrays in memory)."""
 
@@ -205,41 +246,26 @@ class NearGrouping:
         spill: Path,
     ) -> np.ndarray:
         """`alive`: this rank's survivors that take part (bool). Returns, per local survivor, the global index
-        of its group's kept document, or -1 (kept, or not a near duplicate)."""
-        rank, size = comm.rank, comm.size
+        of its group's kept document, or -1 (kept, or not a near duplicate). The band entries get half of
+        `budget`, the candidate pairs and the confirmed links a quarter each."""
+        rank = comm.rank
         base = int(bounds[rank])
         n = len(alive)
-        alive_total = int(comm.allreduce(np.array([int(alive.sum())]), "sum")[0])
-        per_rank = alive_total * self.bands / size
-        parts = max(1, int(np.ceil(per_rank * KEY.itemsize * 4 / budget)))
         block = max(256, budget // (4 * self.num_perm * 2 + self.bands * KEY.itemsize * 6))
-        store = Partitions(spill, f"bands-{rank:05d}", parts, KEY)
-        cands = Partitions(spill, f"pairs-{rank:05d}", parts, PAIR)  # by u: copies of a pair meet in one part
+        store = SortedRuns(spill, f"bands-{rank:05d}", KEY, budget // 2)
+        cands = SortedRuns(spill, f"pairs-{rank:05d}", PAIR, budget // 4)  # at u's rank: sorted by (u, v)
         links = Spool(spill, f"links-{rank:05d}", PAIR, budget // 4)  # confirmed pairs, read every round
         try:
             for b in range(int(comm.allreduce(np.array([-(-n // block)]), "max")[0])):
                 lo, hi = min(n, b * block), min(n, (b + 1) * block)
                 idx = np.flatnonzero(alive[lo:hi])
-                sigs = block_sigs(lo, hi)[idx]
-                keys = band_keys(sigs, self.bands, self.rows)
+                keys = band_keys(block_sigs(lo, hi)[idx], self.bands, self.rows)
                 rec = np.empty(keys.size, dtype=KEY)
                 rec["k"] = keys.ravel()
                 rec["s"] = np.repeat(base + lo + idx, self.bands)
-                got = np.concatenate(route(comm, (rec["k"] % size).astype(np.int64), rec))
-                store.add(got, ((got["k"] >> np.uint64(32)) % parts).astype(np.int64))
-            for p in range(parts):
-                rec = store.take(p)
-                rec = rec[np.lexsort((rec["s"], rec["k"]))]
-                u, v = bucket_pairs(rec["k"], rec["s"])
-                pair = np.empty(len(u), dtype=PAIR)
-                pair["u"], pair["v"] = u, v
-                got = np.concatenate(route(comm, owners(bounds, u), pair))
-                cands.add(got, got["u"] % parts)
-            for p in range(parts):
-                pair = np.unique(cands.take(p))
-                self.candidates += len(pair)
-                links.add(pair[self._confirmed(rank, bounds, pair, rank_rows, budget)])
-            self.confirmed += links.count
+                store.add(np.concatenate(route(comm, (rec["k"] % comm.size).astype(np.int64), rec)))
+            self._pairs(comm, bounds, store, cands, max(1024, budget // (KEY.itemsize * 64)))
+            self._confirm(rank, bounds, cands, links, rank_rows, budget)
             nodes, label, self.rounds = components(comm, bounds, links, max(1024, budget // 128))
             self.spilled += store.spilled + cands.spilled + links.spilled
         finally:
@@ -250,6 +276,42 @@ class NearGrouping:
         moved = label != nodes
         near_of[nodes[moved] - base] = label[moved]
         return near_of
+
+    @staticmethod
+    def _pairs(comm: Comm, bounds: np.ndarray, store: SortedRuns, cands: SortedRuns, chunk: int) -> None:
+        """Every bucket's candidate pairs, from this rank's band entries in (key, member) order, to the rank
+        of their smaller member (as many exchanges on every rank)."""
+        mine = -(-store.count // chunk)
+        entries, buckets = store.chunks(chunk), BucketStream()
+        for i in range(int(comm.allreduce(np.array([mine]), "max")[0])):
+            u, v = buckets.feed(next(entries, np.zeros(0, KEY)), last=i >= mine - 1)
+            pair = np.empty(len(u), dtype=PAIR)
+            pair["u"], pair["v"] = u, v
+            cands.add(np.concatenate(route(comm, owners(bounds, u), pair)))
+        store.close()
+
+    def _confirm(
+        self,
+        rank: int,
+        bounds: np.ndarray,
+        cands: SortedRuns,
+        links: Spool,
+        rank_rows: Callable[[int, np.ndarray], np.ndarray],
+        budget: int,
+    ) -> None:
+        """The distinct candidate pairs (in (u, v) order: copies of a pair from several bands are
+        neighbours) confirmed against both signatures, into `links`."""
+        prev = np.zeros(0, PAIR)
+        for pair in cands.chunks(max(1024, budget // (PAIR.itemsize * 16))):
+            fresh = np.ones(len(pair), dtype=bool)
+            fresh[1:] = pair[1:] != pair[:-1]
+            if len(prev):
+                fresh[0] = pair[0] != prev[0]
+            prev, pair = pair[-1:], pair[fresh]
+            self.candidates += len(pair)
+            links.add(pair[self._confirmed(rank, bounds, pair, rank_rows, budget)])
+        self.confirmed += links.count
+        cands.close()
 
     def _confirmed(
         self,

@@ -1,19 +1,19 @@
-"""Bounded memory: the per-rank budget (`--memory-per-rank`), append-only rank files, partitioned spill, and
-spools of records read back a chunk at a time.
+"""Bounded memory: the per-rank budget (`--memory-per-rank`), append-only rank files, an external merge sort,
+and spools of records read back a chunk at a time.
 
-A global stage that must group records by a key (exact hashes, LSH band keys) routes them to the key's owner
-rank; when what an owner will receive exceeds its budget, the records are appended to `parts` files on disk by a
-second hash of the key (a distribution sort), and each part, small enough to sort in memory, is grouped in turn.
-The result does not depend on the number of parts, so the bytes of the output do not depend on the budget.
-Records that are read again and again (near dedup's confirmed links, once per label-propagation round) go to a
-`Spool`: one file once they outgrow their share of the budget, read back a chunk at a time.
+A global stage that must group records by a key (exact hashes, LSH band keys, candidate pairs) routes them to
+the key's owner rank, which needs them in key order: `SortedRuns` sorts in memory while they fit the owner's
+share of the budget, else writes sorted runs to disk and merges them, and the stage reads the result a chunk
+at a time, carrying a group of equal keys that spans two chunks into the next. The order does not depend on
+the budget, so neither do the bytes of the output. Records read again and again (near dedup's confirmed links,
+once per label-propagation round) go to a `Spool`: one file once they outgrow their share of the budget.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,47 +103,114 @@ def read_rows(path: Path, rows: np.ndarray, width: int, dtype: str = "<u4") -> n
     return out[inverse]
 
 
-class Partitions:
-    """Records grouped into `n` parts by the caller's part number: in memory when `n == 1`, else appended to
-    files under `root` (one per part) and read back one part at a time."""
+def record_order(records: np.ndarray) -> np.ndarray:
+    """Indices that sort structured records by all their fields, the first field first."""
+    return np.lexsort([records[f] for f in reversed(records.dtype.names)])
 
-    def __init__(self, root: Path, name: str, n: int, dtype: np.dtype) -> None:
-        self.n, self.dtype = max(1, n), dtype
-        self._mem: list[np.ndarray] = []
-        self._files: list[Appender] = []
+
+MIN_BLOCK = 4096  # records read from a run at a time, at least (fewer: the runs are merged in passes)
+
+
+class SortedRuns:
+    """Records handed back sorted by all their fields, in bounded memory (an external merge sort).
+
+    Records are buffered up to a quarter of `budget` (sorting needs a copy and an index besides); each full
+    buffer is sorted and written as a run file under `root`. `chunks` merges the runs from disk, a block of
+    each at a time: every round takes, from each run's block, the records up to the smallest of the blocks'
+    last records, which no record still on disk can precede. Without runs, the buffer is sorted in memory. A
+    key shared by many records (one text copied a million times) costs no more memory than any other: this
+    is why it is a merge sort and not a hash partition of the keys.
+    """
+
+    def __init__(self, root: Path, name: str, dtype: np.dtype, budget: int) -> None:
+        self.root, self.name, self.dtype = root, name, np.dtype(dtype)
+        self.capacity = max(MIN_BLOCK, budget // (4 * self.dtype.itemsize))  # records held at a time
+        self.count = 0
         self.spilled = 0
-        if self.n > 1:
-            root.mkdir(parents=True, exist_ok=True)
-            self._files = [Appender(root / f"{name}-{p:05d}.part") for p in range(self.n)]
+        self._buf: list[np.ndarray] = []
+        self._buffered = 0
+        self._runs: list[Path] = []
+        self._made = 0
 
-    def add(self, records: np.ndarray, part: np.ndarray) -> None:
-        if self.n == 1:
-            self._mem.append(records)
+    def add(self, records: np.ndarray) -> None:
+        self.count += len(records)
+        self._buf.append(records)
+        self._buffered += len(records)
+        if self._buffered >= self.capacity:
+            self._runs.append(self._write_run([self._take_sorted()]))
+
+    def chunks(self, size: int) -> Iterator[np.ndarray]:
+        """All records in order, exactly `size` at a time (the last chunk shorter): `ceil(count / size)`."""
+        if not self._runs:
+            rec = self._take_sorted()
+            for lo in range(0, len(rec), size):
+                yield rec[lo : lo + size]
             return
-        order = np.argsort(part, kind="stable")
-        cuts = np.searchsorted(part[order], np.arange(self.n + 1))
-        records = records[order]
-        for p in np.flatnonzero(np.diff(cuts)):
-            chunk = records[cuts[p] : cuts[p + 1]]
-            self._files[p].write(chunk)
-            self.spilled += chunk.nbytes
+        if self._buffered:
+            self._runs.append(self._write_run([self._take_sorted()]))
+        fan_in = max(2, self.capacity // MIN_BLOCK)
+        while len(self._runs) > fan_in:  # too many runs for blocks of MIN_BLOCK: merge them in passes
+            groups = [self._runs[i : i + fan_in] for i in range(0, len(self._runs), fan_in)]
+            self._runs = []
+            for group in groups:
+                self._runs.append(self._write_run(self._merge(group)))
+                for path in group:
+                    path.unlink()
+        pending: list[np.ndarray] = []
+        have = 0
+        for piece in self._merge(self._runs):
+            pending.append(piece)
+            have += len(piece)
+            if have >= size:
+                rec = np.concatenate(pending)
+                for lo in range(0, len(rec) - size + 1, size):
+                    yield rec[lo : lo + size]
+                pending = [rec[len(rec) - len(rec) % size :].copy()]
+                have = len(pending[0])
+        if have:
+            yield np.concatenate(pending)
 
-    def take(self, p: int) -> np.ndarray:
-        """Part `p`, removed from the store."""
-        if self.n == 1:
-            out = np.concatenate(self._mem) if self._mem else np.zeros(0, self.dtype)
-            self._mem = []
-            return out
-        f = self._files[p]
+    def _take_sorted(self) -> np.ndarray:
+        rec = np.concatenate(self._buf) if self._buf else np.zeros(0, self.dtype)
+        self._buf, self._buffered = [], 0
+        return rec[record_order(rec)]
+
+    def _write_run(self, pieces: Iterable[np.ndarray]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{self.name}-{self._made:06d}.run"
+        self._made += 1
+        f = Appender(path)
+        for piece in pieces:
+            f.write(piece)
+            self.spilled += piece.nbytes
         f.close()
-        out = np.fromfile(f.path, dtype=self.dtype)
-        f.path.unlink()
-        return out
+        return path
+
+    def _merge(self, runs: list[Path]) -> Iterator[np.ndarray]:
+        """The records of sorted `runs` in order, in pieces of at most `capacity` records."""
+        block = max(1, self.capacity // len(runs))
+        total = [p.stat().st_size // self.dtype.itemsize for p in runs]
+        pos = [min(n, block) for n in total]
+        blocks = [read_array(p, self.dtype, 0, e) for p, e in zip(runs, pos, strict=True)]
+        while live := [i for i, b in enumerate(blocks) if len(b)]:
+            lasts = np.concatenate([blocks[i][-1:] for i in live])
+            bound = lasts[record_order(lasts)[:1]]
+            out = []
+            for i in live:
+                cut = int(np.searchsorted(blocks[i], bound, side="right")[0])
+                out.append(blocks[i][:cut])
+                blocks[i] = blocks[i][cut:]
+                if not len(blocks[i]) and pos[i] < total[i]:
+                    blocks[i] = read_array(runs[i], self.dtype, pos[i], min(total[i], pos[i] + block))
+                    pos[i] += len(blocks[i])
+            rec = np.concatenate(out)
+            yield rec[record_order(rec)]
 
     def close(self) -> None:
-        for f in self._files:
-            f.close()
-            f.path.unlink(missing_ok=True)
+        self._buf = []
+        for path in self._runs:
+            path.unlink(missing_ok=True)
+        self._runs = []
 
 
 class Spool:
