@@ -31,7 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT.parent / "shared" / "corpora"
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
-RANK_LINE = re.compile(r"rank (\d+): peak RSS ([\d.]+) MB, sent ([\d.]+) MB to other ranks, CPU s (.*)")
+RANK_LINE = re.compile(
+    r"rank (\d+): peak RSS ([\d.]+) MB \(per stage[^)]*\), sent ([\d.]+) MB to other ranks, CPU s (.*)"
+)
 NEAR_LINE = re.compile(r"rank (\d+): near dedup: .* ([\d.]+) MB of signatures read from other ranks")
 
 

@@ -15,9 +15,9 @@ import logging
 import numpy as np
 
 from data_pipeline.base import Doc, Step
-from data_pipeline.context import BuildContext, Stage, rank_file, survivor_bytes
+from data_pipeline.context import BuildContext, Stage, blocks, rank_file, survivor_bytes
 from data_pipeline.distributed import owners, route
-from data_pipeline.spill import SortedRuns, read_array
+from data_pipeline.spill import ColumnWriter, SortedRuns, read_array
 
 log = logging.getLogger("data_pipeline")
 ENTRY = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("s", "<i8")])
@@ -78,24 +78,26 @@ class FirstOccurrence:
 
 
 class ExactDedup(Stage):
-    """Sharded first-occurrence of each hash: `exact_of[i]` is the global survivor index that local survivor
-    i duplicates, or -1."""
+    """Sharded first-occurrence of each hash: the rank file `exact_of` holds, per local survivor, the global
+    survivor index it duplicates, or -1."""
 
     name = "exact_dedup"
-    arrays = ("exact_of",)
+    files = ("exact_of",)
 
     def run(self, ctx: BuildContext) -> None:
         comm, rank = ctx.comm, ctx.rank
         bounds = ctx.bounds("survivor_bounds")
         n = int(bounds[rank + 1] - bounds[rank])
         base = int(bounds[rank])
-        exact_of = np.full(n, -1, dtype=np.int64)
         block = max(1024, ctx.budget // (ENTRY.itemsize * 8))
         rounds = int(comm.allreduce(np.array([-(-n // block)]), "max")[0])
-        store = SortedRuns(ctx.tmp / "spill", f"exact-{rank:05d}", ENTRY, ctx.budget // 2)
+        spill = ctx.tmp / "spill"
+        store = SortedRuns(spill, f"exact-{rank:05d}", ENTRY, ctx.budget // 2)
+        answers = SortedRuns(
+            spill, f"answers-{rank:05d}", ANSWER, ctx.budget // 4
+        )  # for this rank's survivors
         try:
-            for b in range(rounds):
-                lo, hi = min(n, b * block), min(n, (b + 1) * block)
+            for lo, hi in blocks(n, block, rounds):
                 h = read_array(rank_file(ctx.tmp, "hash", rank), "<u8", lo, hi, width=2)
                 rec = np.empty(hi - lo, dtype=ENTRY)
                 rec["h0"], rec["h1"], rec["s"] = h[:, 0], h[:, 1], base + np.arange(lo, hi)
@@ -106,17 +108,28 @@ class ExactDedup(Stage):
                 dup, of = first.feed(next(chunks, np.zeros(0, ENTRY)))
                 ans = np.empty(len(dup), dtype=ANSWER)
                 ans["s"], ans["of"] = dup, of
-                for got in route(comm, owners(bounds, dup), ans):
-                    exact_of[got["s"] - base] = got["of"]
-            if store.spilled:
-                log.info("rank %d: exact dedup spilled %.1f MB in sorted runs", rank, store.spilled / 1e6)
+                answers.add(np.concatenate(route(comm, owners(bounds, dup), ans)))
+            store.close()
+            column = ColumnWriter(rank_file(ctx.tmp, "exact_of", rank), n)
+            for ans in answers.chunks(block):
+                column.put(ans["s"] - base, ans["of"])
+            column.close()
+            spilled = store.spilled + answers.spilled
+            if spilled:
+                log.info("rank %d: exact dedup spilled %.1f MB in sorted runs", rank, spilled / 1e6)
         finally:
             store.close()
-        ctx.arrays["exact_of"] = exact_of
-        nbytes = survivor_bytes(ctx.tmp, rank)
-        dup = exact_of >= 0
+            answers.close()
+        self._count(ctx, n, block)
+
+    def _count(self, ctx: BuildContext, n: int, block: int) -> None:
         st = self.stats
-        st.docs_in, st.bytes_in = n, int(nbytes.sum())
-        st.docs_out, st.bytes_out = n - int(dup.sum()), int(nbytes[~dup].sum())
-        if dup.any():
-            st.removed["exact_duplicate"] += int(dup.sum())
+        for lo, hi in blocks(n, block):
+            dup = read_array(rank_file(ctx.tmp, "exact_of", ctx.rank), "<i8", lo, hi) >= 0
+            nbytes = survivor_bytes(ctx.tmp, ctx.rank, lo, hi)
+            st.bytes_in += int(nbytes.sum())
+            st.bytes_out += int(nbytes[~dup].sum())
+            st.docs_out += int((~dup).sum())
+        st.docs_in = n
+        if n > st.docs_out:
+            st.removed["exact_duplicate"] += n - st.docs_out

@@ -29,10 +29,10 @@ import numpy as np
 
 from data_pipeline.base import Doc, Step
 from data_pipeline.components import components
-from data_pipeline.context import BuildContext, Stage, rank_file, survivor_bytes
+from data_pipeline.context import BuildContext, Stage, blocks, column, rank_file, survivor_bytes
 from data_pipeline.distributed import Comm, owners, route
 from data_pipeline.features import word_hashes
-from data_pipeline.spill import SortedRuns, Spool, read_array, read_rows
+from data_pipeline.spill import ColumnWriter, SortedRuns, Spool, read_array, read_rows
 from data_pipeline.textfeatures import fmix32, fmix64, ngram_hashes, shingle_hashes
 
 log = logging.getLogger("data_pipeline")
@@ -239,18 +239,18 @@ class NearGrouping:
         self,
         comm: Comm,
         bounds: np.ndarray,
-        alive: np.ndarray,
+        alive: Callable[[int, int], np.ndarray],
         block_sigs: Callable[[int, int], np.ndarray],
         rank_rows: Callable[[int, np.ndarray], np.ndarray],
         budget: int,
         spill: Path,
-    ) -> np.ndarray:
-        """`alive`: this rank's survivors that take part (bool). Returns, per local survivor, the global index
-        of its group's kept document, or -1 (kept, or not a near duplicate). The band entries get half of
-        `budget`, the candidate pairs and the confirmed links a quarter each."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`alive(lo, hi)`: which of this rank's survivors lo..hi-1 take part (bool). Returns the near
+        duplicates among this rank's survivors and their groups' kept documents (global indices, ascending).
+        The band entries get half of `budget`, the candidate pairs and the confirmed links a quarter each."""
         rank = comm.rank
         base = int(bounds[rank])
-        n = len(alive)
+        n = int(bounds[rank + 1]) - base
         block = max(256, budget // (4 * self.num_perm * 2 + self.bands * KEY.itemsize * 6))
         store = SortedRuns(spill, f"bands-{rank:05d}", KEY, budget // 2)
         cands = SortedRuns(spill, f"pairs-{rank:05d}", PAIR, budget // 4)  # at u's rank: sorted by (u, v)
@@ -258,7 +258,7 @@ class NearGrouping:
         try:
             for b in range(int(comm.allreduce(np.array([-(-n // block)]), "max")[0])):
                 lo, hi = min(n, b * block), min(n, (b + 1) * block)
-                idx = np.flatnonzero(alive[lo:hi])
+                idx = np.flatnonzero(alive(lo, hi))
                 keys = band_keys(block_sigs(lo, hi)[idx], self.bands, self.rows)
                 rec = np.empty(keys.size, dtype=KEY)
                 rec["k"] = keys.ravel()
@@ -272,10 +272,8 @@ class NearGrouping:
             store.close()
             cands.close()
             links.close()
-        near_of = np.full(n, -1, dtype=np.int64)
         moved = label != nodes
-        near_of[nodes[moved] - base] = label[moved]
-        return near_of
+        return nodes[moved], label[moved]
 
     @staticmethod
     def _pairs(comm: Comm, bounds: np.ndarray, store: SortedRuns, cands: SortedRuns, chunk: int) -> None:
@@ -339,11 +337,11 @@ class NearGrouping:
 
 
 class NearDedup(Stage):
-    """Sharded near-duplicate groups of the survivors that are not exact duplicates: `near_of[i]` is the
-    global survivor index of local survivor i's group's kept document, or -1."""
+    """Sharded near-duplicate groups of the survivors that are not exact duplicates: the rank file `near_of`
+    holds, per local survivor, the global survivor index of its group's kept document, or -1."""
 
     name = "near_dedup"
-    arrays = ("near_of",)
+    files = ("near_of",)
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128) -> None:
         super().__init__()
@@ -351,12 +349,16 @@ class NearDedup(Stage):
 
     def run(self, ctx: BuildContext) -> None:
         bounds = ctx.bounds("survivor_bounds")
-        n = int(bounds[ctx.rank + 1] - bounds[ctx.rank])
-        exact_of = ctx.arrays.get("exact_of")
-        alive = np.ones(n, dtype=bool) if exact_of is None else exact_of < 0
+        base = int(bounds[ctx.rank])
+        n = int(bounds[ctx.rank + 1]) - base
+        exact = "exact" in ctx.opts.dedup
         width = self.grouping.num_perm
         sig_file = rank_file(ctx.tmp, "sig", ctx.rank)
-        near_of = self.grouping.run(
+
+        def alive(lo: int, hi: int) -> np.ndarray:
+            return column(ctx.tmp, "exact_of", ctx.rank, lo, hi, exact) < 0
+
+        dups, kept = self.grouping.run(
             ctx.comm,
             bounds,
             alive,
@@ -365,7 +367,9 @@ class NearDedup(Stage):
             ctx.budget,
             ctx.tmp / "spill",
         )
-        ctx.arrays["near_of"] = near_of
+        near_of = ColumnWriter(rank_file(ctx.tmp, "near_of", ctx.rank), n)
+        near_of.put(dups - base, kept)
+        near_of.close()
         g = self.grouping
         log.info(
             "rank %d: near dedup: %d candidate pairs, %d confirmed, %d rounds, %.3f MB of signatures read from "
@@ -377,13 +381,17 @@ class NearDedup(Stage):
             g.remote_bytes / 1e6,
             f", spilled {g.spilled / 1e6:.1f} MB" if g.spilled else "",
         )
-        nbytes = survivor_bytes(ctx.tmp, ctx.rank)
-        dup = near_of >= 0
         st = self.stats
-        st.docs_in, st.bytes_in = int(alive.sum()), int(nbytes[alive].sum())
-        st.docs_out, st.bytes_out = int((alive & ~dup).sum()), int(nbytes[alive & ~dup].sum())
-        if dup.any():
-            st.removed["near_duplicate"] += int(dup.sum())
+        for lo, hi in blocks(n, ctx.rows(32)):
+            live = alive(lo, hi)
+            out = live & (read_array(rank_file(ctx.tmp, "near_of", ctx.rank), "<i8", lo, hi) < 0)
+            nbytes = survivor_bytes(ctx.tmp, ctx.rank, lo, hi)
+            st.docs_in += int(live.sum())
+            st.bytes_in += int(nbytes[live].sum())
+            st.docs_out += int(out.sum())
+            st.bytes_out += int(nbytes[out].sum())
+        if len(dups):
+            st.removed["near_duplicate"] += len(dups)
 
 
 def near_groups(signatures: np.ndarray, threshold: float = 0.8, num_perm: int = 128) -> list[int]:
@@ -391,13 +399,15 @@ def near_groups(signatures: np.ndarray, threshold: float = 0.8, num_perm: int = 
     kept document, or -1 if it is kept."""
     sigs = np.ascontiguousarray(signatures, dtype=np.uint32)
     grouping = NearGrouping(threshold, num_perm)
-    near_of = grouping.run(
+    dups, kept = grouping.run(
         Comm(),
         np.array([0, len(sigs)]),
-        np.ones(len(sigs), dtype=bool),
+        lambda lo, hi: np.ones(hi - lo, dtype=bool),
         lambda lo, hi: sigs[lo:hi],
         lambda r, rows: sigs[rows],
         1 << 40,
         Path("."),
     )
+    near_of = np.full(len(sigs), -1, dtype=np.int64)
+    near_of[dups] = kept
     return near_of.tolist()

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.base import StepStats, merge_stats
-from data_pipeline.context import BuildContext, Stage, run_stages
+from data_pipeline.context import BuildContext, Stage, memory, run_stages
 from data_pipeline.dedup_exact import ExactDedup
 from data_pipeline.dedup_minhash import NearDedup, minhash_permutations
 from data_pipeline.distributed import Comm, agree, get_comm, split_sources
@@ -47,18 +46,6 @@ class BuildResult:
     manifest: Manifest | None  # None: the output was already built with these options (or not rank 0)
     stats: dict[str, StepStats]
     seconds: float
-
-
-def peak_rss() -> int:
-    """This process's peak resident bytes since it started this program (Linux's VmHWM: unlike getrusage's
-    maximum, it does not carry over the memory of the process that forked it before the exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker_options(opts: BuildOptions, dtype: str) -> dict:
@@ -151,6 +138,7 @@ def _build(
         values={"dtype": token_dtype(tokenizer.vocab_size), "eot": tokenizer.eot_id},
     )
     plan = stages(opts, ctx, mine)
+    before = memory()[1]
     run_stages(ctx, plan)
     scan = ctx.values["scan"]
     log.info(
@@ -161,9 +149,10 @@ def _build(
         ", ".join(f"{k} {v:.1f} s" for k, v in ctx.seconds.items() if k != "scan"),
     )
     log.info(
-        "rank %d: peak RSS %.1f MB, sent %.3f MB to other ranks, CPU s %s",
+        "rank %d: peak RSS %.1f MB (per stage, MB above its start: %s), sent %.3f MB to other ranks, CPU s %s",
         comm.rank,
-        peak_rss() / 1e6,
+        max(before, *(peak for _, peak in ctx.rss.values())) / 1e6,
+        " ".join(f"{k}={(peak - start) / 1e6:.1f}" for k, (start, peak) in ctx.rss.items()),
         comm.bytes_sent / 1e6,
         " ".join(f"{k}={v:.3f}" for k, v in ctx.cpu.items()),
     )

@@ -12,18 +12,18 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
-from data_pipeline.context import BuildContext, Stage, rank_file
+from data_pipeline.context import BuildContext, Stage, blocks, column, rank_file
 from data_pipeline.distributed import fetch, owners
 from data_pipeline.output import REMOVED
-from data_pipeline.spill import read_array, read_rows
+from data_pipeline.spill import Appender, read_array, read_rows
 from data_pipeline.writer import in_val
 from gptforge.errors import DataError
 
-BLOCK_DOCS = 1 << 15  # documents per pass over the rank's files
-COPY_BYTES = 1 << 22
+DOC_BYTES = 400  # what a pass holds per document: its id, reason, columns and removed.jsonl line
 
 
 def read_ids(tmp: Path, rank: int, docs: np.ndarray) -> list[str]:
@@ -56,10 +56,11 @@ def block_ids(tmp: Path, rank: int, lo: int, hi: int) -> list[str]:
 
 
 class Decide(Stage):
-    """Reasons and `duplicate_of` for every document of this rank, `removed.jsonl`, kept flags, the val split."""
+    """Reasons and `duplicate_of` for every document of this rank, `removed.jsonl`, and the rank files `keep`
+    (per survivor) and `val` (per kept document), a block of documents at a time."""
 
     name = "decide"
-    arrays = ("keep", "val")
+    files = ("keep", "val")
     values = ("kept", "removed", "tail")
 
     def __init__(self) -> None:
@@ -67,27 +68,46 @@ class Decide(Stage):
         self.stats = None
 
     def run(self, ctx: BuildContext) -> None:
-        n_surv = ctx.values["scan"]["survivors"]
-        exact_of = ctx.arrays.get("exact_of", np.full(n_surv, -1, dtype=np.int64))
-        near_of = ctx.arrays.get("near_of", np.full(n_surv, -1, dtype=np.int64))
-        target, target_ids = self._targets(ctx, exact_of, near_of)
-        keep = (exact_of < 0) & (near_of < 0)
-        part = ctx.tmp / f"removed-{ctx.rank:05d}.part"
-        counts, val = self._write_part(ctx, part, keep, exact_of >= 0, target, target_ids)
+        tmp, rank, scan = ctx.tmp, ctx.rank, ctx.values["scan"]
+        size = ctx.rows(DOC_BYTES)
+        rounds = int(ctx.comm.allreduce(np.array([-(-scan["docs"] // size)]), "max")[0])
+        part = tmp / f"removed-{rank:05d}.part"
+        keep_file, val_file = Appender(rank_file(tmp, "keep", rank)), Appender(rank_file(tmp, "val", rank))
+        counts: Counter = Counter()
+        kept = n_val = survivor = 0
+        with open(part, "w", encoding="utf-8") as f:
+            for lo, hi in blocks(scan["docs"], size, rounds):
+                codes = read_array(rank_file(tmp, "reason", rank), "<i2", lo, hi)
+                s_hi = survivor + int(np.count_nonzero(codes == 0))
+                exact_of = column(tmp, "exact_of", rank, survivor, s_hi, "exact" in ctx.opts.dedup)
+                near_of = column(tmp, "near_of", rank, survivor, s_hi, "minhash" in ctx.opts.dedup)
+                target, target_ids = self._targets(ctx, exact_of, near_of)
+                keep = (exact_of < 0) & (near_of < 0)
+                ids = block_ids(tmp, rank, lo, hi)
+                val = self._write_block(ctx, f, codes, ids, keep, exact_of >= 0, target, target_ids, counts)
+                keep_file.write(keep.astype(np.uint8))
+                val_file.write(val.astype(np.uint8))
+                kept, n_val, survivor = kept + int(keep.sum()), n_val + int(val.sum()), s_hi
+        keep_file.close()
+        val_file.close()
         self._write_parallel(ctx, part)
-        self._totals(ctx, counts, keep, val)
+        self._totals(ctx, counts, kept, n_val)
 
     @staticmethod
     def _targets(
         ctx: BuildContext, exact_of: np.ndarray, near_of: np.ndarray
     ) -> tuple[np.ndarray, dict[int, str]]:
-        """The survivor each duplicate points at (global index, -1 for none), and the ids of those targets,
-        read from their ranks' files. An exact copy of a near duplicate points at the near group's kept
-        document."""
+        """The survivor each duplicate of a block points at (global index, -1 for none), and the ids of
+        those targets, read from their ranks' files. An exact copy of a near duplicate points at the near
+        group's kept document (asked of the rank that holds the copied one: one exchange per block)."""
         comm, tmp, sb = ctx.comm, ctx.tmp, ctx.bounds("survivor_bounds")
         base = int(sb[ctx.rank])
+        near = rank_file(tmp, "near_of", ctx.rank)
         ex = np.flatnonzero(exact_of >= 0)
-        of_near = fetch(comm, sb, exact_of[ex], lambda keys: near_of[keys - base])
+        if "minhash" in ctx.opts.dedup:
+            of_near = fetch(comm, sb, exact_of[ex], lambda keys: read_rows(near, keys - base, 1, "<i8")[:, 0])
+        else:
+            of_near = np.full(len(ex), -1, np.int64)
         target = np.where(near_of >= 0, near_of, exact_of)
         target[ex] = np.where(of_near >= 0, of_near, exact_of[ex])
         wanted = np.unique(target[target >= 0])
@@ -100,55 +120,47 @@ class Decide(Stage):
         return target, target_ids
 
     @staticmethod
-    def _write_part(
+    def _write_block(
         ctx: BuildContext,
-        part: Path,
+        f: TextIO,
+        codes: np.ndarray,
+        ids: list[str],
         keep: np.ndarray,
         exact: np.ndarray,
         target: np.ndarray,
         target_ids: dict[int, str],
-    ) -> tuple[Counter, list[bool]]:
-        """This rank's `removed.jsonl` lines in input order, a block of documents at a time; the count of
-        each reason, and the val flag of every kept document."""
-        tmp, rank, scan = ctx.tmp, ctx.rank, ctx.values["scan"]
-        reasons = scan["reasons"]
-        surv = read_array(rank_file(tmp, "surv", rank), "<i8")
-        counts: Counter = Counter()
+        counts: Counter,
+    ) -> np.ndarray:
+        """A block's `removed.jsonl` lines in input order, counted by reason; the val flag of every kept
+        document of the block."""
+        reasons = ctx.values["scan"]["reasons"]
         val: list[bool] = []
-        with open(part, "w", encoding="utf-8") as f:
-            for lo in range(0, scan["docs"], BLOCK_DOCS):
-                hi = min(scan["docs"], lo + BLOCK_DOCS)
-                codes = read_array(rank_file(tmp, "reason", rank), "<i2", lo, hi)
-                ids = block_ids(tmp, rank, lo, hi)
-                s_lo, s_hi = np.searchsorted(surv, [lo, hi])
-                s_of = {int(d): s for s, d in zip(range(s_lo, s_hi), surv[s_lo:s_hi].tolist(), strict=True)}
-                for d, code, doc_id in zip(range(lo, hi), codes.tolist(), ids, strict=True):
-                    dup = None
-                    if code:
-                        reason = reasons[code - 1]
-                    else:
-                        s = s_of[d]
-                        if keep[s]:
-                            val.append(in_val(ctx.opts.seed, doc_id, ctx.opts.val_fraction))
-                            continue
-                        reason = "exact_duplicate" if exact[s] else "near_duplicate"
-                        dup = target_ids[int(target[s])]
-                    counts[reason] += 1
-                    f.write(
-                        json.dumps({"id": doc_id, "reason": reason, "duplicate_of": dup}, ensure_ascii=False)
-                    )
-                    f.write("\n")
-        return counts, val
+        s = 0
+        for code, doc_id in zip(codes.tolist(), ids, strict=True):
+            dup = None
+            if code:
+                reason = reasons[code - 1]
+            else:
+                s += 1
+                if keep[s - 1]:
+                    val.append(in_val(ctx.opts.seed, doc_id, ctx.opts.val_fraction))
+                    continue
+                reason = "exact_duplicate" if exact[s - 1] else "near_duplicate"
+                dup = target_ids[int(target[s - 1])]
+            counts[reason] += 1
+            f.write(json.dumps({"id": doc_id, "reason": reason, "duplicate_of": dup}, ensure_ascii=False))
+            f.write("\n")
+        return np.array(val, dtype=bool)
 
     @staticmethod
-    def _totals(ctx: BuildContext, counts: Counter, keep: np.ndarray, val: list[bool]) -> None:
+    def _totals(ctx: BuildContext, counts: Counter, kept: int, n_val: int) -> None:
         """Global kept and removed counts (an error if nothing is kept), and whether val falls back to the
         token stream's tail because the hash split left it or train empty."""
         comm = ctx.comm
         removed: Counter = Counter()
         for c in comm.allgather(dict(counts)):
             removed.update(c)
-        kept = int(comm.allreduce(np.array([int(keep.sum())]), "sum")[0])
+        kept, n_val = (int(x) for x in comm.allreduce(np.array([kept, n_val]), "sum"))
         total = int(ctx.bounds("doc_bounds")[-1])
         if not kept:
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(removed.items(), key=lambda kv: -kv[1])[:5])
@@ -156,9 +168,6 @@ class Decide(Stage):
                 f"all {total} documents were removed ({detail}); nothing to write. See {ctx.out / REMOVED}; "
                 "relax the filters (--filters none or a YAML file) or the dedup (--dedup none)"
             )
-        val_flags = np.array(val, dtype=bool)
-        n_val = int(comm.allreduce(np.array([int(val_flags.sum())]), "sum")[0])
-        ctx.arrays["keep"], ctx.arrays["val"] = keep, val_flags
         ctx.values["kept"] = kept
         ctx.values["removed"] = dict(sorted(removed.items()))
         ctx.values["tail"] = ctx.opts.val_fraction > 0 and n_val in (0, kept)
@@ -177,7 +186,7 @@ class Decide(Stage):
         comm.barrier()
         with open(part, "rb") as src, open(tmp, "r+b") as dst:
             dst.seek(offset)
-            while chunk := src.read(COPY_BYTES):
+            while chunk := src.read(ctx.copy_bytes):
                 dst.write(chunk)
             dst.flush()
             os.fsync(dst.fileno())

@@ -71,6 +71,38 @@ class Appender:
         self._f.close()
 
 
+class ColumnWriter:
+    """A rank file of `n` <i8 values, one per row, written in row order from sparse pieces (rows ascending
+    across all `put`s, the values of those rows); every other row holds `fill`. Holds a block at a time."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, path: Path, n: int, fill: int = -1) -> None:
+        self._file = Appender(path)
+        self.n, self.fill, self._row = n, fill, 0
+
+    def _fill_to(self, row: int) -> None:
+        while self._row < row:
+            k = min(self.BLOCK, row - self._row)
+            self._file.write(np.full(k, self.fill, np.int64))
+            self._row += k
+
+    def put(self, rows: np.ndarray, values: np.ndarray) -> None:
+        i = 0
+        while i < len(rows):
+            self._fill_to(int(rows[i]))
+            j = int(np.searchsorted(rows, self._row + self.BLOCK))  # rows[i:j]: within the next block
+            seg = np.full(int(rows[j - 1]) + 1 - self._row, self.fill, np.int64)
+            seg[rows[i:j] - self._row] = values[i:j]
+            self._file.write(seg)
+            self._row += len(seg)
+            i = j
+
+    def close(self) -> None:
+        self._fill_to(self.n)
+        self._file.close()
+
+
 def read_array(
     path: Path, dtype: np.dtype | str, lo: int = 0, hi: int | None = None, width: int = 1
 ) -> np.ndarray:

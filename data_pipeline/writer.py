@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.base import StepStats
-from data_pipeline.context import BuildContext, Stage, rank_file
+from data_pipeline.context import BuildContext, Stage, blocks, rank_file
 from data_pipeline.spill import Appender, read_array
 from gptforge.data.format import ShardInfo, SplitInfo, write_index
 from gptforge.errors import DataError
 
 SPLITS = ("train", "val")
-PIECE = np.dtype([("shard", "<i8"), ("start", "<i8"), ("n", "<i8"), ("eot", "<i8")])
-COPY_TOKENS = 1 << 22  # tokens copied at a time
+PIECE = np.dtype([("cell", "<i8"), ("start", "<i8"), ("n", "<i8"), ("eot", "<i8")])
+SURVIVOR_BYTES = 160  # what a pass holds per survivor: its columns and pieces
 
 
 def in_val(seed: int, doc_id: str, val_fraction: float) -> bool:
@@ -134,6 +134,16 @@ def number_shards(cells: list[tuple[int, int, int]]) -> tuple[list[Span], int]:
     return spans, count
 
 
+def cell_runs(path: Path, block: int) -> Iterator[np.ndarray]:
+    """A piece file's runs of pieces in the same grid cell, in order, read a block at a time (a run cut by a
+    block's end comes as two)."""
+    n = path.stat().st_size // PIECE.itemsize
+    for lo, hi in blocks(n, block):
+        p = read_array(path, PIECE, lo, hi)
+        cuts = np.flatnonzero(np.diff(p["cell"])) + 1
+        yield from np.split(p, cuts)
+
+
 class ShardFile:
     """One shard being written: `.bin` with its sha256 computed on the way, `.idx` at close."""
 
@@ -163,7 +173,7 @@ class ShardFile:
 
 class WriteShards(Stage):
     """Place this rank's documents in the splits and shards, write the shards it opens; rank 0 gets every
-    shard's description (`ctx.values["splits"]`)."""
+    shard's description (`ctx.values["splits"]`). Every pass reads the rank's files a block at a time."""
 
     name = "write"
     resumable = False  # the shards are removed before a re-run, and the manifest needs their descriptions
@@ -176,106 +186,146 @@ class WriteShards(Stage):
         return [self.tokenize_stats, self.stats]
 
     def run(self, ctx: BuildContext) -> None:
-        keep = ctx.arrays["keep"]
-        ends = read_array(rank_file(ctx.tmp, "tokend", ctx.rank), "<i8")
-        sizes = np.diff(np.concatenate(([0], ends)))
-        lengths, offsets = sizes[keep], (ends - sizes)[keep]
-        split_pieces = self._split(ctx, lengths, offsets)
-        spans, counts = self._place(ctx, split_pieces)
-        written = self._write(ctx, split_pieces, spans, counts)
-        self._count(ctx, lengths)
+        local = self._count(ctx)
+        start = ctx.comm.exscan(local)
+        cut = self._cut(ctx, local, start)
+        spans, counts = self._place(ctx, start, cut)
+        written = [w for i, s in enumerate(SPLITS) for w in self._write(ctx, i, s, spans, counts[i])]
         gathered = ctx.comm.gather(written)
         if ctx.rank == 0:
             ctx.values["splits"] = self._describe(w for ws in gathered for w in ws)
 
     @staticmethod
-    def _split(ctx: BuildContext, lengths: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
-        """This rank's documents as pieces of each split: by their val flags, or by the global tail cut (a
-        min-reduction of the cut each rank proposes, so a document is split only where it lies)."""
-        comm, opts = ctx.comm, ctx.opts
-        local = int(lengths.sum())
-        start = comm.exscan(local)
-        total = int(comm.allreduce(np.array([local]), "sum")[0])
-        cut = None
-        if ctx.values["tail"]:
-            cut0 = total - max(1, math.ceil(opts.val_fraction * total))
-            mine = cut_within(lengths, start, cut0)
-            cut = int(comm.allreduce(np.array([total if mine is None else mine]), "min")[0])
-        split_pieces = pieces(lengths, offsets, ctx.arrays.get("val"), start, cut)
-        sums = np.array([int((split_pieces[s]["n"] + split_pieces[s]["eot"]).sum()) for s in SPLITS])
-        sums = comm.allreduce(sums, "sum")
-        if opts.val_fraction > 0 and (sums == 0).any():
-            raise DataError(
-                f"the corpus is too small to split ({total} tokens): val or train would be "
-                "empty; add text or pass --val-fraction 0"
-            )
-        return split_pieces
+    def _kept(ctx: BuildContext) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """This rank's kept documents, a block of survivors at a time: token lengths, offsets in the token
+        file, val flags and normalised text bytes."""
+        tmp, rank = ctx.tmp, ctx.rank
+        n = int(ctx.bounds("survivor_bounds")[rank + 1] - ctx.bounds("survivor_bounds")[rank])
+        done = 0  # kept documents before the block (rows of the val file)
+        for lo, hi in blocks(n, ctx.rows(SURVIVOR_BYTES)):
+            ends = read_array(rank_file(tmp, "tokend", rank), "<i8", max(lo - 1, 0), hi)
+            ends = np.concatenate(([0], ends)) if lo == 0 else ends
+            sizes = np.diff(ends)
+            keep = read_array(rank_file(tmp, "keep", rank), "<u1", lo, hi).astype(bool)
+            k = int(keep.sum())
+            val = read_array(rank_file(tmp, "val", rank), "<u1", done, done + k).astype(bool)
+            textlen = read_array(rank_file(tmp, "textlen", rank), "<i8", lo, hi)
+            done += k
+            yield sizes[keep], ends[:-1][keep], val, textlen[keep]
 
-    @staticmethod
-    def _place(ctx: BuildContext, split_pieces: dict[str, np.ndarray]) -> tuple[list[list[Span]], list[int]]:
-        """Shard numbers for every piece (`grid_cells`, numbered by `number_shards`); every rank's span
-        and each split's shard count. The piece tables go to disk for the ranks that finish a shard."""
-        mine = []
-        for s in SPLITS:
-            p = split_pieces[s]
-            sizes = p["n"] + p["eot"]
-            cells = grid_cells(sizes, ctx.comm.exscan(int(sizes.sum())), ctx.opts.shard_tokens)
-            distinct, local = np.unique(cells, return_inverse=True)
-            p["shard"] = local  # the rank's offset is added below
-            mine.append((int(distinct[0]), int(distinct[-1]), len(distinct)) if len(p) else (-1, -1, 0))
-        table = ctx.comm.allgather(mine)
+    def _count(self, ctx: BuildContext) -> int:
+        """This step's stats and the kept documents' share of the scan's tokenizing; this rank's tokens."""
+        st, tok = self.stats, self.tokenize_stats
+        tokens = 0
+        for lengths, _, _, textlen in self._kept(ctx):
+            tokens += int(lengths.sum())
+            st.docs_in += len(lengths)
+            tok.bytes_in += int(textlen.sum())
+        st.docs_out = tok.docs_in = tok.docs_out = st.docs_in
+        st.bytes_in = tokens * np.dtype(ctx.values["dtype"]).itemsize
+        tok.bytes_out = tok.bytes_in
+        tok.seconds = ctx.values["scan"]["tokenize_seconds"]
+        return tokens
+
+    def _cut(self, ctx: BuildContext, local: int, start: int) -> int | None:
+        """The global tail cut when val is the stream's tail (a min-reduction of the cut each rank proposes,
+        so a document is split only where it lies), else None."""
+        if not ctx.values["tail"]:
+            return None
+        total = int(ctx.comm.allreduce(np.array([local]), "sum")[0])
+        cut0 = total - max(1, math.ceil(ctx.opts.val_fraction * total))
+        mine, at = total, start
+        for lengths, _, _, _ in self._kept(ctx):
+            found = cut_within(lengths, at, cut0)
+            mine = min(mine, total if found is None else found)
+            at += int(lengths.sum())
+        return int(ctx.comm.allreduce(np.array([mine]), "min")[0])
+
+    def _pieces(self, ctx: BuildContext, start: int, cut: int | None) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's pieces of each split, a block at a time (their stream starts at global token
+        `start`)."""
+        at = start
+        for lengths, offsets, val, _ in self._kept(ctx):
+            yield pieces(lengths, offsets, val, at, cut)
+            at += int(lengths.sum())
+
+    def _place(self, ctx: BuildContext, start: int, cut: int | None) -> tuple[list[list[Span]], list[int]]:
+        """Every piece's grid cell, into this rank's piece files (`grid_cells`); every rank's span of shards
+        (`number_shards`) and each split's shard count. A split left empty is an error."""
+        comm = ctx.comm
+        sums = np.zeros(len(SPLITS), np.int64)
+        for block in self._pieces(ctx, start, cut):
+            sums += [int((block[s]["n"] + block[s]["eot"]).sum()) for s in SPLITS]
+        totals = comm.allreduce(sums, "sum")
+        if ctx.opts.val_fraction > 0 and (totals == 0).any():
+            raise DataError(
+                f"the corpus is too small to split ({int(totals.sum())} tokens): val or train would be empty; "
+                "add text or pass --val-fraction 0"
+            )
+        at = [comm.exscan(int(x)) for x in sums]
+        files = [Appender(rank_file(ctx.tmp, f"pieces-{s}", ctx.rank)) for s in SPLITS]
+        mine = [[-1, -1, 0] for _ in SPLITS]  # first cell, last cell, distinct cells
+        for block in self._pieces(ctx, start, cut):
+            for i, s in enumerate(SPLITS):
+                p = block[s]
+                if not len(p):
+                    continue
+                sizes = p["n"] + p["eot"]
+                p["cell"] = grid_cells(sizes, at[i], ctx.opts.shard_tokens)
+                at[i] += int(sizes.sum())
+                first, last, distinct = mine[i]
+                distinct += int(np.count_nonzero(np.diff(p["cell"]))) + int(first < 0 or p["cell"][0] != last)
+                mine[i] = [int(p["cell"][0]) if first < 0 else first, int(p["cell"][-1]), distinct]
+                files[i].write(p)
+        for f in files:
+            f.close()
+        table = comm.allgather(mine)
         spans, counts = [], []
-        for i, s in enumerate(SPLITS):
-            split_spans, count = number_shards([t[i] for t in table])
-            split_pieces[s]["shard"] += max(split_spans[ctx.rank].first, 0)
+        for i in range(len(SPLITS)):
+            split_spans, count = number_shards([tuple(t[i]) for t in table])
             spans.append(split_spans)
             counts.append(count)
-            f = Appender(rank_file(ctx.tmp, f"pieces-{s}", ctx.rank))
-            f.write(split_pieces[s])
-            f.close()
-        ctx.comm.barrier()  # every rank's piece table is on disk
+        comm.barrier()  # every rank's piece files are on disk
         return spans, counts
 
     def _write(
-        self,
-        ctx: BuildContext,
-        split_pieces: dict[str, np.ndarray],
-        spans: list[list[Span]],
-        counts: list[int],
+        self, ctx: BuildContext, i: int, split: str, spans: list[list[Span]], count: int
     ) -> list[tuple[str, int, ShardInfo]]:
-        """Write every shard whose first piece is on this rank, running on into the next ranks' streams."""
-        rank, dtype, eot = ctx.rank, ctx.values["dtype"], ctx.values["eot"]
+        """Write every shard of `split` whose first piece is on this rank (its cells in order: shard numbers
+        from the rank's span), the last one running on into the next ranks' streams."""
+        rank, dtype = ctx.rank, ctx.values["dtype"]
+        span = spans[i][rank]
         written: list[tuple[str, int, ShardInfo]] = []
-        for i, s in enumerate(SPLITS):
-            p = split_pieces[s]
-            for k in np.unique(p["shard"]).tolist():
-                if k == spans[i][rank].first and not spans[i][rank].opens:
-                    continue  # opened on an earlier rank, which writes it
-                shard = ShardFile(ctx.out, shard_name(s, k, name_width(counts[i])), dtype)
-                self._copy(shard, rank_file(ctx.tmp, "tokens", rank), p[p["shard"] == k], dtype, eot)
-                for r in range(rank + 1, ctx.comm.size):  # the shard runs on into the next ranks' streams
-                    span = spans[i][r]
-                    if span.first < 0:
-                        continue  # a rank without pieces of this split
-                    if span.opens or span.first != k:
+        shard: ShardFile | None = None
+        cell, k = None, span.first - 1
+        tokens = rank_file(ctx.tmp, "tokens", rank)
+        for run in cell_runs(rank_file(ctx.tmp, f"pieces-{split}", rank), ctx.rows(PIECE.itemsize)):
+            if run["cell"][0] != cell:
+                if shard is not None:
+                    written.append((split, k, shard.close()))
+                cell, k = int(run["cell"][0]), k + 1
+                opened_before = k == span.first and not span.opens  # an earlier rank writes it
+                shard = (
+                    None
+                    if opened_before
+                    else ShardFile(ctx.out, shard_name(split, k, name_width(count)), dtype)
+                )
+            if shard is not None:
+                self._copy(ctx, shard, tokens, run)
+        if shard is not None:
+            for r in range(rank + 1, ctx.comm.size):  # the shard runs on into the next ranks' streams
+                if spans[i][r].first < 0:
+                    continue  # a rank without pieces of this split
+                if spans[i][r].opens or spans[i][r].first != k:
+                    break
+                for run in cell_runs(rank_file(ctx.tmp, f"pieces-{split}", r), ctx.rows(PIECE.itemsize)):
+                    if run["cell"][0] != cell:
                         break
-                    q = read_array(rank_file(ctx.tmp, f"pieces-{s}", r), PIECE)
-                    self._copy(shard, rank_file(ctx.tmp, "tokens", r), q[q["shard"] == k], dtype, eot)
-                    if span.last != k:
-                        break
-                written.append((s, k, shard.close()))
+                    self._copy(ctx, shard, rank_file(ctx.tmp, "tokens", r), run)
+                if spans[i][r].last != k:
+                    break
+            written.append((split, k, shard.close()))
         return written
-
-    def _count(self, ctx: BuildContext, lengths: np.ndarray) -> None:
-        """This step's stats, and the kept documents' share of the scan's tokenizing."""
-        st = self.stats
-        st.docs_in = st.docs_out = len(lengths)
-        st.bytes_in = int(lengths.sum()) * np.dtype(ctx.values["dtype"]).itemsize
-        tok = self.tokenize_stats
-        tok.docs_in = tok.docs_out = len(lengths)
-        textlen = read_array(rank_file(ctx.tmp, "textlen", ctx.rank), "<i8")
-        tok.bytes_in = tok.bytes_out = int(textlen[ctx.arrays["keep"]].sum())
-        tok.seconds = ctx.values["scan"]["tokenize_seconds"]
 
     @staticmethod
     def _describe(written: Iterable[tuple[str, int, ShardInfo]]) -> dict[str, SplitInfo]:
@@ -288,19 +338,21 @@ class WriteShards(Stage):
         return splits
 
     @staticmethod
-    def _copy(shard: ShardFile, tokens_path: Path, p: np.ndarray, dtype: str, eot: int) -> None:
-        """Append pieces `p` of a token file to `shard`: runs of adjacent pieces are copied a few million
-        tokens at a time."""
+    def _copy(ctx: BuildContext, shard: ShardFile, tokens_path: Path, p: np.ndarray) -> None:
+        """Append pieces `p` of a token file to `shard`: runs of adjacent pieces are copied `copy_bytes` at a
+        time."""
         if not len(p):
             return
-        np_dtype = np.dtype(dtype).newbyteorder("<")
+        eot = ctx.values["eot"]
+        np_dtype = np.dtype(ctx.values["dtype"]).newbyteorder("<")
+        step = ctx.copy_bytes // np_dtype.itemsize
         ends = p["start"] + p["n"]
         cuts = np.flatnonzero((p["start"][1:] != ends[:-1]) | (p["eot"][:-1] == 1)) + 1
         with open(tokens_path, "rb") as f:
             for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(p)], strict=True):
-                for lo in range(int(p["start"][a]), int(ends[b - 1]), COPY_TOKENS):
+                for lo in range(int(p["start"][a]), int(ends[b - 1]), step):
                     f.seek(lo * np_dtype.itemsize)
-                    shard.write(np.fromfile(f, dtype=np_dtype, count=min(COPY_TOKENS, int(ends[b - 1]) - lo)))
+                    shard.write(np.fromfile(f, dtype=np_dtype, count=min(step, int(ends[b - 1]) - lo)))
                 if p["eot"][b - 1]:
                     shard.write(np.array([eot], dtype=np_dtype))
         shard.add_lengths(p["n"] + p["eot"])
