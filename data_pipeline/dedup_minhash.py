@@ -13,9 +13,9 @@ keys (an external merge sort past its budget: spill.py) and, in each bucket of e
 of a bucket of up to `ALL_PAIRS`; in a larger one each member with the smallest and with the one before it).
 A candidate pair goes to the rank of its smaller index, which confirms it against both full signatures
 (its own from memory-mapped reads of its file, the partner's from the partner rank's file on the shared
-output filesystem). Groups are the connected components of the confirmed pairs (components.py, the pairs
-spooled to disk past a quarter of the budget and read a chunk at a time); each group keeps its smallest global
-index (the first document in input order), the others are `near_duplicate` of it.
+output filesystem). Groups are the connected components of the confirmed pairs (components.py: label
+propagation as merge joins of sorted streams, spooled to disk past the budget); each group keeps its smallest
+global index (the first document in input order), the others are `near_duplicate` of it.
 """
 
 from __future__ import annotations
@@ -244,10 +244,12 @@ class NearGrouping:
         rank_rows: Callable[[int, np.ndarray], np.ndarray],
         budget: int,
         spill: Path,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """`alive(lo, hi)`: which of this rank's survivors lo..hi-1 take part (bool). Returns the near
-        duplicates among this rank's survivors and their groups' kept documents (global indices, ascending).
-        The band entries get half of `budget`, the candidate pairs and the confirmed links a quarter each."""
+        found: Callable[[np.ndarray, np.ndarray], None],
+    ) -> None:
+        """`alive(lo, hi)`: which of this rank's survivors lo..hi-1 take part (bool). Hands `found` the near
+        duplicates among this rank's survivors and their groups' kept documents (global indices), a chunk at
+        a time in ascending order. The band entries get half of `budget`, the candidate pairs and the
+        confirmed links a quarter each, then the components the rest."""
         rank = comm.rank
         base = int(bounds[rank])
         n = int(bounds[rank + 1]) - base
@@ -266,14 +268,17 @@ class NearGrouping:
                 store.add(np.concatenate(route(comm, (rec["k"] % comm.size).astype(np.int64), rec)))
             self._pairs(comm, bounds, store, cands, max(1024, budget // (KEY.itemsize * 64)))
             self._confirm(rank, bounds, cands, links, rank_rows, budget)
-            nodes, label, self.rounds = components(comm, bounds, links, max(1024, budget // 128))
-            self.spilled += store.spilled + cands.spilled + links.spilled
+            chunk = max(1024, budget // 128)
+            labels, self.rounds = components(comm, bounds, links, chunk, spill, budget)
+            for t in labels.chunks(chunk):
+                moved = t[t["l"] != t["n"]]
+                found(moved["n"], moved["l"])
+            self.spilled += store.spilled + cands.spilled + links.spilled + labels.spilled
+            labels.close()
         finally:
             store.close()
             cands.close()
             links.close()
-        moved = label != nodes
-        return nodes[moved], label[moved]
 
     @staticmethod
     def _pairs(comm: Comm, bounds: np.ndarray, store: SortedRuns, cands: SortedRuns, chunk: int) -> None:
@@ -358,7 +363,8 @@ class NearDedup(Stage):
         def alive(lo: int, hi: int) -> np.ndarray:
             return column(ctx.tmp, "exact_of", ctx.rank, lo, hi, exact) < 0
 
-        dups, kept = self.grouping.run(
+        near_of = ColumnWriter(rank_file(ctx.tmp, "near_of", ctx.rank), n)
+        self.grouping.run(
             ctx.comm,
             bounds,
             alive,
@@ -366,9 +372,8 @@ class NearDedup(Stage):
             lambda r, rows: read_rows(rank_file(ctx.tmp, "sig", r), rows, width),
             ctx.budget,
             ctx.tmp / "spill",
+            lambda dups, kept: near_of.put(dups - base, kept),
         )
-        near_of = ColumnWriter(rank_file(ctx.tmp, "near_of", ctx.rank), n)
-        near_of.put(dups - base, kept)
         near_of.close()
         g = self.grouping
         log.info(
@@ -390,8 +395,8 @@ class NearDedup(Stage):
             st.bytes_in += int(nbytes[live].sum())
             st.docs_out += int(out.sum())
             st.bytes_out += int(nbytes[out].sum())
-        if len(dups):
-            st.removed["near_duplicate"] += len(dups)
+        if st.docs_in > st.docs_out:
+            st.removed["near_duplicate"] += st.docs_in - st.docs_out
 
 
 def near_groups(signatures: np.ndarray, threshold: float = 0.8, num_perm: int = 128) -> list[int]:
@@ -399,7 +404,12 @@ def near_groups(signatures: np.ndarray, threshold: float = 0.8, num_perm: int = 
     kept document, or -1 if it is kept."""
     sigs = np.ascontiguousarray(signatures, dtype=np.uint32)
     grouping = NearGrouping(threshold, num_perm)
-    dups, kept = grouping.run(
+    near_of = np.full(len(sigs), -1, dtype=np.int64)
+
+    def found(dups: np.ndarray, kept: np.ndarray) -> None:
+        near_of[dups] = kept
+
+    grouping.run(
         Comm(),
         np.array([0, len(sigs)]),
         lambda lo, hi: np.ones(hi - lo, dtype=bool),
@@ -407,7 +417,6 @@ def near_groups(signatures: np.ndarray, threshold: float = 0.8, num_perm: int = 
         lambda r, rows: sigs[rows],
         1 << 40,
         Path("."),
+        found,
     )
-    near_of = np.full(len(sigs), -1, dtype=np.int64)
-    near_of[dups] = kept
     return near_of.tolist()

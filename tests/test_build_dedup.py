@@ -101,12 +101,15 @@ def test_near_grouping_spills_buckets_pairs_and_links_with_the_same_groups(tmp_p
     expected = [-1 if first[g] == i else first[g] for i, g in enumerate(groups.tolist())]
     budget, spill = 64 << 10, tmp_path / "spill"
     grouping = NearGrouping(0.8, 128)
-    dups, kept = grouping.run(
-        Comm(), np.array([0, 3000]), lambda lo, hi: np.ones(hi - lo, bool), lambda lo, hi: sigs[lo:hi],
-        lambda r, rows: sigs[rows], budget, spill,
-    )  # fmt: skip
     near_of = np.full(3000, -1)
-    near_of[dups] = kept
+
+    def found(dups: np.ndarray, kept: np.ndarray) -> None:
+        near_of[dups] = kept
+
+    grouping.run(
+        Comm(), np.array([0, 3000]), lambda lo, hi: np.ones(hi - lo, bool), lambda lo, hi: sigs[lo:hi],
+        lambda r, rows: sigs[rows], budget, spill, found,
+    )  # fmt: skip
     assert near_of.tolist() == expected == near_groups(sigs)
     assert grouping.confirmed * PAIR.itemsize > budget // 4 and grouping.spilled > 0
     assert list(spill.iterdir()) == []  # every spill file removed

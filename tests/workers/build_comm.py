@@ -46,6 +46,7 @@ def main() -> None:
     mine = owners(bounds, lo) == rank
     edges = np.empty(int(mine.sum()), dtype=PAIR)
     edges["u"], edges["v"] = lo[mine], hi[mine]
+    edges = edges[np.lexsort((edges["v"], edges["u"]))]  # as near dedup confirms them: in (u, v) order
     parent = list(range(n))
 
     def find(x: int) -> int:
@@ -68,10 +69,15 @@ def main() -> None:
             for part in np.array_split(edges, 5):
                 links.add(part)
             assert (links.spilled > 0) == (chunk == 37)
-            nodes, label, rounds = components(comm, bounds, links, chunk)
+            table, rounds = components(comm, bounds, links, chunk, Path(tmp), budget)
+            assert (table.spilled > 0) == (chunk == 37)
+            labels = np.concatenate([*table.chunks(chunk), np.zeros(0, table.dtype)])
+            table.close()
             links.close()
-            assert all(bounds[rank] <= x < bounds[rank + 1] for x in nodes.tolist())
-            assert [smallest[find(x)] for x in nodes.tolist()] == label.tolist()
+            nodes = labels["n"].tolist()
+            ends = set(lo[mine].tolist()) | {b for b in hi.tolist() if bounds[rank] <= b < bounds[rank + 1]}
+            assert nodes == sorted(ends)  # every node at a local end of an edge, once, in order
+            assert [smallest[find(x)] for x in nodes] == labels["l"].tolist()
         assert list(Path(tmp).iterdir()) == []
     # fetch: values from the owners, in the order asked
     keys = rng.integers(0, n, 500)
