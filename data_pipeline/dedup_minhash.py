@@ -268,7 +268,7 @@ class NearGrouping:
                 store.add(np.concatenate(route(comm, (rec["k"] % comm.size).astype(np.int64), rec)))
             self._pairs(comm, bounds, store, cands, max(1024, budget // (KEY.itemsize * 64)))
             self._confirm(rank, bounds, cands, links, rank_rows, budget)
-            chunk = max(1024, budget // 128)
+            chunk = max(1024, budget // 512)  # edges per exchange: each is copied a few times on the way
             labels, self.rounds = components(comm, bounds, links, chunk, spill, budget)
             for t in labels.chunks(chunk):
                 moved = t[t["l"] != t["n"]]

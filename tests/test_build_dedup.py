@@ -14,8 +14,10 @@ from test_build_output import opts
 
 from data_pipeline import run_build as build
 from data_pipeline import textfeatures
+from data_pipeline.components import components
 from data_pipeline.dedup_minhash import PAIR, MinHasher, NearGrouping, bucket_pairs, lsh_params, near_groups
 from data_pipeline.distributed import Comm
+from data_pipeline.spill import Spool
 
 M64 = (1 << 64) - 1
 
@@ -257,3 +259,28 @@ def test_near_recall_and_precision_with_hard_negatives_kept(hard):
     assert len(true_pos) / len(found) >= 0.99
     assert all(found[k] == near[k] for k in true_pos)
     assert sum(k in removed for k in negatives) <= 0.01 * len(negatives)  # hard negatives are kept
+
+
+def test_components_of_a_giant_star_and_a_long_path_spill_and_keep_the_smallest(tmp_path):
+    """One node linked to 20,000 others and a path of 3,000 nodes, under a 64 KB budget: the label tables,
+    reverse copies and proposals go to disk, and every node is labelled with its component's smallest node."""
+    star = (
+        np.arange(1, 20_001) * 3
+    )  # the star's centre, 20_000 * 3 + 7, is its largest node: labels must fall
+    path = np.arange(100_000, 103_000)
+    u = np.concatenate([star, path[:-1]])
+    v = np.concatenate([np.full(len(star), 60_007), path[1:]])
+    edges = np.empty(len(u), dtype=PAIR)
+    edges["u"], edges["v"] = u, v
+    budget = 64 << 10
+    links = Spool(tmp_path, "links", PAIR, budget // 4)
+    for part in np.array_split(edges, 7):
+        links.add(part)
+    table, rounds = components(Comm(), np.array([0, 200_000]), links, 1024, tmp_path, budget)
+    labels = np.concatenate(list(table.chunks(1024)))
+    assert table.spilled > 0 and rounds > 1
+    expected = {int(n): 3 for n in star} | {60_007: 3} | {int(n): 100_000 for n in path}
+    assert dict(zip(labels["n"].tolist(), labels["l"].tolist(), strict=True)) == expected
+    table.close()
+    links.close()
+    assert list(tmp_path.iterdir()) == []
