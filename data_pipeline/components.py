@@ -17,12 +17,11 @@ more memory than any other.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.distributed import Comm, owners, route
+from data_pipeline.distributed import Comm, aligned, owners, route
 from data_pipeline.spill import SortedRuns, Spool
 
 LABEL = np.dtype([("n", "<i8"), ("l", "<i8")])  # a node and its label; a proposal of a label for a node
@@ -43,14 +42,6 @@ class _Streams:
     def runs(self, what: str) -> SortedRuns:
         self._made += 1
         return SortedRuns(self.spill, f"{what}-{self.comm.rank:05d}-{self._made:04d}", LABEL, self.share)
-
-    def aligned(self, source: Spool | SortedRuns) -> Iterator[np.ndarray]:
-        """`source`'s records in order, a chunk at a time, as many chunks on every rank (empty ones past the
-        end): each chunk's exchange is collective."""
-        rounds = int(self.comm.allreduce(np.array([-(-source.count // self.chunk)]), "max")[0])
-        it, empty = source.chunks(self.chunk), np.zeros(0, source.dtype)
-        for _ in range(rounds):
-            yield next(it, empty)
 
     def send(self, to: np.ndarray, value: np.ndarray, into: SortedRuns) -> None:
         """Proposals (node `to`, label `value`) to the nodes' ranks, sorted there into `into`."""
@@ -128,7 +119,7 @@ def _nodes(ctx: _Streams, copies: list[Spool]) -> Spool:
 def _reverse(ctx: _Streams, links: Spool, dtype: np.dtype) -> Spool:
     """The reverse copies (v, u) of this rank's links, at v's rank, sorted by (v, u)."""
     runs = SortedRuns(ctx.spill, f"back-{ctx.comm.rank:05d}", dtype, ctx.share)
-    for e in ctx.aligned(links):
+    for e in aligned(ctx.comm, links, ctx.chunk):
         rev = np.empty(len(e), dtype=dtype)
         rev["u"], rev["v"] = e["v"], e["u"]
         runs.add(np.concatenate(route(ctx.comm, owners(ctx.bounds, rev["u"]), rev)))
@@ -156,17 +147,17 @@ def components(
             proposals = ctx.runs("proposals")
             for copy in copies:  # (1) every edge copy carries its node's label to the partner
                 label_of = _Cursor(table, chunk)
-                for e in ctx.aligned(copy):
+                for e in aligned(ctx.comm, copy, ctx.chunk):
                     ctx.send(e["v"], label_of(e["u"]), proposals)
             lowered = ctx.spool("labels")
             changed = _lower(table, proposals, lowered, chunk)
             asks = ctx.runs("asks")  # (2) pointer jumping: (the label's node, the asking node)
-            for t in ctx.aligned(lowered):
+            for t in aligned(ctx.comm, lowered, ctx.chunk):
                 moved = t[t["l"] != t["n"]]
                 ctx.send(moved["l"], moved["n"], asks)
             answers = ctx.runs("answers")
             label_of = _Cursor(lowered, chunk)
-            for a in ctx.aligned(asks):
+            for a in aligned(ctx.comm, asks, ctx.chunk):
                 ctx.send(a["l"], label_of(a["n"]), answers)
             asks.close()
             table = ctx.spool("labels")

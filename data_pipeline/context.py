@@ -86,9 +86,8 @@ class BuildContext:
     stats: dict[str, StepStats] = field(default_factory=dict)  # this rank's counters, in step order
     seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per stage on this rank
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage of this process
-    rss: dict[str, tuple[int, int]] = field(
-        default_factory=dict
-    )  # per stage: resident bytes at its start, peak
+    # per stage: this process's resident bytes at its start and its peak during it
+    rss: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:

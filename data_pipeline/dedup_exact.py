@@ -16,7 +16,7 @@ import numpy as np
 
 from data_pipeline.base import Doc, Step
 from data_pipeline.context import BuildContext, Stage, blocks, rank_file, survivor_bytes
-from data_pipeline.distributed import owners, route
+from data_pipeline.distributed import aligned, max_chunks, owners, route
 from data_pipeline.spill import ColumnWriter, SortedRuns, read_array
 
 log = logging.getLogger("data_pipeline")
@@ -90,22 +90,19 @@ class ExactDedup(Stage):
         n = int(bounds[rank + 1] - bounds[rank])
         base = int(bounds[rank])
         block = max(1024, ctx.budget // (ENTRY.itemsize * 8))
-        rounds = int(comm.allreduce(np.array([-(-n // block)]), "max")[0])
         spill = ctx.tmp / "spill"
         store = SortedRuns(spill, f"exact-{rank:05d}", ENTRY, ctx.budget // 2)
-        answers = SortedRuns(
-            spill, f"answers-{rank:05d}", ANSWER, ctx.budget // 4
-        )  # for this rank's survivors
+        # the first occurrences of this rank's survivors' duplicates, sorted by survivor
+        answers = SortedRuns(spill, f"answers-{rank:05d}", ANSWER, ctx.budget // 4)
         try:
-            for lo, hi in blocks(n, block, rounds):
+            for lo, hi in blocks(n, block, max_chunks(comm, n, block)):
                 h = read_array(rank_file(ctx.tmp, "hash", rank), "<u8", lo, hi, width=2)
                 rec = np.empty(hi - lo, dtype=ENTRY)
                 rec["h0"], rec["h1"], rec["s"] = h[:, 0], h[:, 1], base + np.arange(lo, hi)
                 store.add(np.concatenate(route(comm, (rec["h0"] % comm.size).astype(np.int64), rec)))
-            chunks = store.chunks(block)
             first = FirstOccurrence()
-            for _ in range(int(comm.allreduce(np.array([-(-store.count // block)]), "max")[0])):
-                dup, of = first.feed(next(chunks, np.zeros(0, ENTRY)))
+            for rec in aligned(comm, store, block):
+                dup, of = first.feed(rec)
                 ans = np.empty(len(dup), dtype=ANSWER)
                 ans["s"], ans["of"] = dup, of
                 answers.add(np.concatenate(route(comm, owners(bounds, dup), ans)))

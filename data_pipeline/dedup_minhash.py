@@ -30,7 +30,7 @@ import numpy as np
 from data_pipeline.base import Doc, Step
 from data_pipeline.components import components
 from data_pipeline.context import BuildContext, Stage, blocks, column, rank_file, survivor_bytes
-from data_pipeline.distributed import Comm, owners, route
+from data_pipeline.distributed import Comm, aligned, max_chunks, owners, route
 from data_pipeline.features import word_hashes
 from data_pipeline.spill import ColumnWriter, SortedRuns, Spool, read_array, read_rows
 from data_pipeline.textfeatures import fmix32, fmix64, ngram_hashes, shingle_hashes
@@ -258,8 +258,7 @@ class NearGrouping:
         cands = SortedRuns(spill, f"pairs-{rank:05d}", PAIR, budget // 4)  # at u's rank: sorted by (u, v)
         links = Spool(spill, f"links-{rank:05d}", PAIR, budget // 4)  # confirmed pairs, read every round
         try:
-            for b in range(int(comm.allreduce(np.array([-(-n // block)]), "max")[0])):
-                lo, hi = min(n, b * block), min(n, (b + 1) * block)
+            for lo, hi in blocks(n, block, max_chunks(comm, n, block)):
                 idx = np.flatnonzero(alive(lo, hi))
                 keys = band_keys(block_sigs(lo, hi)[idx], self.bands, self.rows)
                 rec = np.empty(keys.size, dtype=KEY)
@@ -284,10 +283,9 @@ class NearGrouping:
     def _pairs(comm: Comm, bounds: np.ndarray, store: SortedRuns, cands: SortedRuns, chunk: int) -> None:
         """Every bucket's candidate pairs, from this rank's band entries in (key, member) order, to the rank
         of their smaller member (as many exchanges on every rank)."""
-        mine = -(-store.count // chunk)
-        entries, buckets = store.chunks(chunk), BucketStream()
-        for i in range(int(comm.allreduce(np.array([mine]), "max")[0])):
-            u, v = buckets.feed(next(entries, np.zeros(0, KEY)), last=i >= mine - 1)
+        mine, buckets = -(-store.count // chunk), BucketStream()
+        for i, entries in enumerate(aligned(comm, store, chunk)):
+            u, v = buckets.feed(entries, last=i >= mine - 1)
             pair = np.empty(len(u), dtype=PAIR)
             pair["u"], pair["v"] = u, v
             cands.add(np.concatenate(route(comm, owners(bounds, u), pair)))

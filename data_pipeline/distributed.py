@@ -17,7 +17,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -221,6 +221,29 @@ def fetch(
     out = np.empty(len(keys), dtype=answers[0].dtype)
     out[order] = np.concatenate(answers)
     return out
+
+
+class Chunked(Protocol):
+    """Records read back in order a chunk at a time (spill.py's `Spool` and `SortedRuns`)."""
+
+    count: int
+    dtype: np.dtype
+
+    def chunks(self, size: int) -> Iterator[np.ndarray]: ...
+
+
+def max_chunks(comm: Comm, count: int, size: int) -> int:
+    """The most `size`-row chunks of `count` rows that any rank has: how many collective exchanges every rank
+    takes part in when each chunk is sent in one."""
+    return int(comm.allreduce(np.array([-(-count // size)]), "max")[0])
+
+
+def aligned(comm: Comm, source: Chunked, size: int) -> Iterator[np.ndarray]:
+    """`source`'s records in order, `size` at a time, as many chunks on every rank (empty ones past the
+    end): each chunk's exchange is collective."""
+    it, empty = source.chunks(size), np.zeros(0, source.dtype)
+    for _ in range(max_chunks(comm, source.count, size)):
+        yield next(it, empty)
 
 
 def split_sources(sources: list[Source], parts: int) -> list[list[Source]]:

@@ -17,7 +17,7 @@ from typing import TextIO
 import numpy as np
 
 from data_pipeline.context import BuildContext, Stage, blocks, column, rank_file
-from data_pipeline.distributed import fetch, owners
+from data_pipeline.distributed import fetch, max_chunks, owners
 from data_pipeline.output import REMOVED
 from data_pipeline.spill import Appender, read_array, read_rows
 from data_pipeline.writer import in_val
@@ -70,7 +70,7 @@ class Decide(Stage):
     def run(self, ctx: BuildContext) -> None:
         tmp, rank, scan = ctx.tmp, ctx.rank, ctx.values["scan"]
         size = ctx.rows(DOC_BYTES)
-        rounds = int(ctx.comm.allreduce(np.array([-(-scan["docs"] // size)]), "max")[0])
+        rounds = max_chunks(ctx.comm, scan["docs"], size)
         part = tmp / f"removed-{rank:05d}.part"
         keep_file, val_file = Appender(rank_file(tmp, "keep", rank)), Appender(rank_file(tmp, "val", rank))
         counts: Counter = Counter()
